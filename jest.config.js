@@ -1,0 +1,13 @@
+/** Jest runs the TypeScript sources as ES modules through ts-jest (transpile only; `tsc --noEmit` type-checks first in `npm test`). */
+export default {
+  testEnvironment: 'node',
+  roots: ['<rootDir>/test'],
+  testMatch: ['**/*.test.ts'],
+  extensionsToTreatAsEsm: ['.ts'],
+  moduleNameMapper: { '^(\\.{1,2}/.*)\\.js$': '$1' },
+  transform: {
+    '^.+\\.ts$': ['ts-jest', { useESM: true, isolatedModules: true, tsconfig: 'tsconfig.json' }],
+  },
+  testTimeout: 120000,
+  maxWorkers: 2,
+};
