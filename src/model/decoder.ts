@@ -1,0 +1,260 @@
+/**
+ * The decoder family (Llama, Mistral, Qwen2, Qwen3), config-driven, on TensorFlow.js.
+ *
+ * One function, `decoderForward`, serves the full-sequence forward (batch with padding) and
+ * incremental decoding with a KV cache: the cache holds the keys/values of everything seen so far,
+ * and the new tokens attend to cache + themselves. Positions are derived from the attention mask as
+ * Hugging Face generate() does (position = number of real tokens before it), so a left-padded row
+ * computes exactly what the same row computes alone, and cached decoding equals the full forward.
+ *
+ * Engine notes (tfjs-wasm, see docs/ARCHITECTURE.md): weights are [in, out] so every projection is
+ * an untransposed 2-D matmul (the XNNPACK fast path); attention for long query blocks runs as 2-D
+ * matmuls per (row, kv-head) group, because batched matmuls fall to a scalar loop.
+ */
+import * as tf from '@tensorflow/tfjs';
+import { fail } from '../errors.js';
+import { assertEngineHealthy } from '../backend.js';
+import { ropeInvFreq, type DecoderConfig } from './config.js';
+import type { DecoderWeights } from './weights.js';
+
+export interface Decoder {
+  config: DecoderConfig;
+  weights: DecoderWeights;
+  /** Rotary inverse frequencies [hd/2] (float32, scaling applied). */
+  invFreq: Float32Array;
+}
+
+export function makeDecoder(config: DecoderConfig, weights: DecoderWeights): Decoder {
+  return { config, weights, invFreq: ropeInvFreq(config) };
+}
+
+/** Keys/values of everything processed so far, per layer, plus per-row bookkeeping. */
+export interface KVCache {
+  batch: number;
+  /** Number of cached entries per row (including padding entries). */
+  length: number;
+  /** Per layer: [B, nKV, length, hd]. */
+  k: tf.Tensor4D[];
+  v: tf.Tensor4D[];
+  /** Per row: the position id of each cached entry, -1 for padding. */
+  keyPos: number[][];
+  /** Per row: the position id the next real token gets. */
+  nextPos: number[];
+}
+
+export function emptyCache(batch: number): KVCache {
+  return { batch, length: 0, k: [], v: [], keyPos: Array.from({ length: batch }, () => []), nextPos: new Array<number>(batch).fill(0) };
+}
+
+export function disposeCache(cache: KVCache): void {
+  for (const t of cache.k) t.dispose();
+  for (const t of cache.v) t.dispose();
+  cache.k = [];
+  cache.v = [];
+}
+
+export interface ForwardArgs {
+  /** Token ids, row-major [batch, seqLen]. */
+  ids: ArrayLike<number>;
+  batch: number;
+  seqLen: number;
+  /** 1 = real token, 0 = padding, row-major [batch, seqLen]; default all real. Padding must be on the left of each row's real tokens in a block. */
+  mask?: ArrayLike<number>;
+  /** When given, the new tokens attend to the cache, and the cache is extended in place. */
+  cache?: KVCache;
+  /** Which logits to compute: every position, the last position of each row, or none. */
+  logits: 'all' | 'last' | 'none';
+}
+
+export interface ForwardResult {
+  /** Final hidden states after the final norm: [batch, seqLen, d]. What Medusa heads read. */
+  hidden: tf.Tensor3D;
+  /** [batch, seqLen, V] ('all'), [batch, 1, V] ('last') or null. */
+  logits: tf.Tensor3D | null;
+}
+
+/** Query blocks at least this long use per-group 2-D matmuls for attention (fast path); shorter ones a batched matmul. */
+const LOOP_ATTENTION_MIN_QUERY = 8;
+const MASKED = -1e9;
+
+export function decoderForward(model: Decoder, args: ForwardArgs): ForwardResult {
+  const c = model.config;
+  const { batch: B, seqLen: T } = args;
+  const d = c.hiddenSize;
+  const nH = c.numHeads;
+  const nKV = c.numKvHeads;
+  const hd = c.headDim;
+  const nRep = nH / nKV;
+  if (args.ids.length !== B * T) fail('E_INTERNAL', `ids has ${args.ids.length} entries, expected batch*seqLen = ${B * T}`);
+  if (args.mask && args.mask.length !== B * T) fail('E_INTERNAL', `mask has ${args.mask.length} entries, expected ${B * T}`);
+  for (let i = 0; i < args.ids.length; i++) {
+    const id = args.ids[i];
+    if (!Number.isInteger(id) || id < 0 || id >= c.vocabSize) fail('E_USAGE', `token id ${id} at index ${i} is outside the vocabulary [0, ${c.vocabSize})`);
+  }
+  const cache = args.cache ?? emptyCache(B);
+  if (cache.batch !== B) fail('E_INTERNAL', `cache batch ${cache.batch} != batch ${B}`);
+  const S = cache.length;
+  const L = S + T;
+
+  // --- host-side bookkeeping: positions, key positions, attention bias ------------------------------
+  const positions = new Int32Array(B * T); // [B, T]
+  const newKeyPos: number[][] = [];
+  for (let b = 0; b < B; b++) {
+    let p = cache.nextPos[b];
+    const rowPos: number[] = [];
+    for (let t = 0; t < T; t++) {
+      const real = args.mask ? args.mask[b * T + t] !== 0 : true;
+      positions[b * T + t] = real ? p : 1; // padding gets position 1, as transformers does; it is masked anyway
+      rowPos.push(real ? p : -1);
+      if (real) p++;
+    }
+    newKeyPos.push(rowPos);
+  }
+  // Grouped bias [B, nRep*T, L]: row r*T+i is query i (the same for every head of a kv group).
+  const bias = new Float32Array(B * nRep * T * L);
+  const window = c.slidingWindow;
+  for (let b = 0; b < B; b++) {
+    const keyPos = cache.keyPos[b].concat(newKeyPos[b]); // [L]
+    for (let i = 0; i < T; i++) {
+      const qIndex = S + i;
+      const qPos = newKeyPos[b][i];
+      const row = (b * nRep * T + i) * L;
+      for (let j = 0; j < L; j++) {
+        const kp = keyPos[j];
+        const ok = kp >= 0 && j <= qIndex && (qPos < 0 || (kp <= qPos && (window === null || qPos - kp < window)));
+        bias[row + j] = ok ? 0 : MASKED;
+      }
+      for (let r = 1; r < nRep; r++) bias.copyWithin(row + r * T * L, row, row + L);
+    }
+  }
+  // Rotary tables [B*T, hd]: cos/sin of position * inv_freq, duplicated over both halves.
+  const half = hd / 2;
+  const cosData = new Float32Array(B * T * hd);
+  const sinData = new Float32Array(B * T * hd);
+  for (let n = 0; n < B * T; n++) {
+    const pos = positions[n];
+    for (let i = 0; i < half; i++) {
+      const f = Math.fround(pos * model.invFreq[i]);
+      const cv = Math.fround(Math.cos(f));
+      const sv = Math.fround(Math.sin(f));
+      cosData[n * hd + i] = cv;
+      cosData[n * hd + half + i] = cv;
+      sinData[n * hd + i] = sv;
+      sinData[n * hd + half + i] = sv;
+    }
+  }
+
+  let logitsOut: tf.Tensor3D | null = null;
+  const newK: tf.Tensor4D[] = [];
+  const newV: tf.Tensor4D[] = [];
+  const hiddenOut = tf.tidy((): tf.Tensor3D => {
+    const w = model.weights;
+    const cos = tf.tensor4d(cosData, [B, T, 1, hd]); // [B, T, 1, hd]
+    const sin = tf.tensor4d(sinData, [B, T, 1, hd]); // [B, T, 1, hd]
+    const biasT = tf.tensor3d(bias, [B, nRep * T, L]); // [B, nRep*T, L]
+    const scale = 1 / Math.sqrt(hd);
+    let x: tf.Tensor2D = tf.gather(w.embed, tf.tensor1d(Int32Array.from(args.ids), 'int32')); // [B*T, d]
+    for (let li = 0; li < c.numLayers; li++) {
+      const lw = w.layers[li];
+      // --- attention block ---
+      const xn = rmsNorm(x, lw.attnNorm, c.rmsNormEps); // [B*T, d]
+      let qkv: tf.Tensor2D = tf.matMul(xn, lw.wqkv); // [B*T, q+2kv]
+      if (lw.bqkv) qkv = tf.add(qkv, lw.bqkv);
+      let q: tf.Tensor4D = tf.reshape(tf.slice(qkv, [0, 0], [B * T, nH * hd]), [B, T, nH, hd]); // [B, T, nH, hd]
+      let k: tf.Tensor4D = tf.reshape(tf.slice(qkv, [0, nH * hd], [B * T, nKV * hd]), [B, T, nKV, hd]); // [B, T, nKV, hd]
+      const v: tf.Tensor4D = tf.reshape(tf.slice(qkv, [0, (nH + nKV) * hd], [B * T, nKV * hd]), [B, T, nKV, hd]); // [B, T, nKV, hd]
+      if (lw.qNorm && lw.kNorm) {
+        q = rmsNorm(q, lw.qNorm, c.rmsNormEps); // [B, T, nH, hd]
+        k = rmsNorm(k, lw.kNorm, c.rmsNormEps); // [B, T, nKV, hd]
+      }
+      q = applyRope(q, cos, sin, half); // [B, T, nH, hd]
+      k = applyRope(k, cos, sin, half); // [B, T, nKV, hd]
+      const kT = tf.transpose(k, [0, 2, 1, 3]); // [B, nKV, T, hd]
+      const vT = tf.transpose(v, [0, 2, 1, 3]); // [B, nKV, T, hd]
+      const kAll: tf.Tensor4D = S > 0 ? tf.concat([cache.k[li], kT], 2) : kT; // [B, nKV, L, hd]
+      const vAll: tf.Tensor4D = S > 0 ? tf.concat([cache.v[li], vT], 2) : vT; // [B, nKV, L, hd]
+      if (args.cache) {
+        newK.push(tf.keep(kAll));
+        newV.push(tf.keep(vAll));
+      }
+      const qG = tf.reshape(tf.transpose(q, [0, 2, 1, 3]), [B * nKV, nRep * T, hd]) as tf.Tensor3D; // [B*nKV, nRep*T, hd] (heads of a kv group are contiguous)
+      const attn = attention(qG, tf.reshape(kAll, [B * nKV, L, hd]) as tf.Tensor3D, tf.reshape(vAll, [B * nKV, L, hd]) as tf.Tensor3D, biasT, { B, nKV, nRep, T, L, hd, scale }); // [B*nKV, nRep*T, hd]
+      const merged = tf.reshape(tf.transpose(tf.reshape(attn, [B, nH, T, hd]), [0, 2, 1, 3]), [B * T, nH * hd]); // [B*T, nH*hd]
+      let o: tf.Tensor2D = tf.matMul(merged, lw.wo); // [B*T, d]
+      if (lw.bo) o = tf.add(o, lw.bo);
+      const h = tf.add(x, o); // [B*T, d]
+      // --- MLP block (SwiGLU) ---
+      const hn = rmsNorm(h, lw.mlpNorm, c.rmsNormEps); // [B*T, d]
+      const gu = tf.matMul(hn, lw.wgu); // [B*T, 2ff]
+      const ff = c.intermediateSize;
+      const act = tf.mul(tf.mul(tf.slice(gu, [0, 0], [B * T, ff]), tf.sigmoid(tf.slice(gu, [0, 0], [B * T, ff]))), tf.slice(gu, [0, ff], [B * T, ff])); // [B*T, ff]
+      x = tf.add(h, tf.matMul(act, lw.wdown)); // [B*T, d]
+    }
+    const hidden2 = rmsNorm(x, w.finalNorm, c.rmsNormEps); // [B*T, d]
+    const hidden = tf.reshape(hidden2, [B, T, d]) as tf.Tensor3D; // [B, T, d]
+    if (args.logits === 'all') {
+      logitsOut = tf.keep(tf.reshape(tf.matMul(hidden2, w.lmHead), [B, T, c.vocabSize]) as tf.Tensor3D); // [B, T, V]
+    } else if (args.logits === 'last') {
+      const last = tf.reshape(tf.slice(hidden, [0, T - 1, 0], [B, 1, d]), [B, d]); // [B, d]
+      logitsOut = tf.keep(tf.reshape(tf.matMul(last, w.lmHead), [B, 1, c.vocabSize]) as tf.Tensor3D); // [B, 1, V]
+    }
+    return hidden;
+  });
+  if (args.cache) {
+    disposeCache(cache);
+    cache.k = newK;
+    cache.v = newV;
+    cache.length = L;
+    for (let b = 0; b < B; b++) {
+      cache.keyPos[b] = cache.keyPos[b].concat(newKeyPos[b]);
+      const last = newKeyPos[b].filter((p) => p >= 0);
+      if (last.length > 0) cache.nextPos[b] = last[last.length - 1] + 1;
+    }
+  }
+  assertEngineHealthy('the decoder forward');
+  return { hidden: hiddenOut, logits: logitsOut };
+}
+
+/** RMSNorm over the last axis: x * rsqrt(mean(x^2) + eps) * w. */
+function rmsNorm<T extends tf.Tensor>(x: T, w: tf.Tensor1D, eps: number): T {
+  const ms = tf.mean(tf.square(x), -1, true); // [..., 1]
+  return tf.mul(tf.mul(x, tf.rsqrt(tf.add(ms, eps))), w) as T; // [..., n]
+}
+
+/** Non-interleaved rotary embedding: x*cos + rotate_half(x)*sin, rotate_half = [-x2, x1]. */
+function applyRope(x: tf.Tensor4D, cos: tf.Tensor4D, sin: tf.Tensor4D, half: number): tf.Tensor4D {
+  const [B, T, H] = x.shape;
+  const x1 = tf.slice(x, [0, 0, 0, 0], [B, T, H, half]); // [B, T, H, hd/2]
+  const x2 = tf.slice(x, [0, 0, 0, half], [B, T, H, half]); // [B, T, H, hd/2]
+  const rot = tf.concat([tf.neg(x2), x1], 3); // [B, T, H, hd]
+  return tf.add(tf.mul(x, cos), tf.mul(rot, sin)); // [B, T, H, hd]
+}
+
+interface AttnDims { B: number; nKV: number; nRep: number; T: number; L: number; hd: number; scale: number }
+
+/**
+ * Scaled dot-product attention with an additive bias.
+ * q [B*nKV, nRep*T, hd], k/v [B*nKV, L, hd], bias [B, nRep*T, L] -> [B*nKV, nRep*T, hd].
+ */
+function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, bias: tf.Tensor3D, dims: AttnDims): tf.Tensor3D {
+  const { B, nKV, nRep, T, L, hd, scale } = dims;
+  if (T >= LOOP_ATTENTION_MIN_QUERY) {
+    // Fast path: untransposed 2-D matmuls per (row, kv-head) group.
+    const qs = tf.unstack(q) as tf.Tensor2D[]; // B*nKV x [nRep*T, hd]
+    const ks = tf.unstack(k) as tf.Tensor2D[]; // B*nKV x [L, hd]
+    const vs = tf.unstack(v) as tf.Tensor2D[]; // B*nKV x [L, hd]
+    const bs = tf.unstack(bias) as tf.Tensor2D[]; // B x [nRep*T, L]
+    const outs: tf.Tensor2D[] = [];
+    for (let g = 0; g < B * nKV; g++) {
+      const kT = tf.transpose(ks[g]); // [hd, L]
+      const scores = tf.add(tf.mul(tf.matMul(qs[g], kT), scale), bs[Math.floor(g / nKV)]); // [nRep*T, L]
+      outs.push(tf.matMul(tf.softmax(scores), vs[g])); // [nRep*T, hd]
+    }
+    return tf.stack(outs) as tf.Tensor3D; // [B*nKV, nRep*T, hd]
+  }
+  const scores = tf.mul(tf.matMul(q, k, false, true), scale); // [B*nKV, nRep*T, L]
+  const biased = tf.add(tf.reshape(scores, [B, nKV, nRep * T, L]), tf.reshape(bias, [B, 1, nRep * T, L])); // [B, nKV, nRep*T, L]
+  const probs = tf.reshape(tf.softmax(biased), [B * nKV, nRep * T, L]); // [B*nKV, nRep*T, L]
+  void hd;
+  return tf.matMul(probs, v); // [B*nKV, nRep*T, hd]
+}
