@@ -33,6 +33,9 @@ const NATIVE_PACKAGES = ['@tensorflow/tfjs-node-gpu', '@tensorflow/tfjs-node'] a
 
 let current: BackendInfo | undefined;
 
+// Production mode: silences tfjs's console banners (e.g. the cpu backend's "install tfjs-node" notice).
+tf.enableProdMode();
+
 async function tryNative(skipped: string[]): Promise<BackendInfo | undefined> {
   for (const pkg of NATIVE_PACKAGES) {
     try {

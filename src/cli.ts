@@ -1,0 +1,156 @@
+#!/usr/bin/env node
+/**
+ * The medusa-train command line. The only module that prints for the user's commands and the only
+ * one that exits the process: everything below throws MedusaError, which `main` turns into a
+ * one-line message and the error's exit code.
+ */
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { fileURLToPath } from 'node:url';
+import * as fs from 'node:fs';
+import { MedusaError, isMedusaError, describe } from './errors.js';
+import { BACKEND_CHOICES, initBackend, type BackendChoice } from './backend.js';
+import { modelInfo, formatInfo, formatCount } from './recipes/info.js';
+import { runTiny } from './recipes/tiny.js';
+import { runGenerate, formatGenerate } from './recipes/generate.js';
+import { VERSION } from './version.js';
+
+function intArg(name: string, min: number, max: number) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min || n > max) throw new InvalidArgumentError(`${name} must be an integer in [${min}, ${max}].`);
+    return n;
+  };
+}
+
+function numArg(name: string, min: number, max: number) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isFinite(n) || n < min || n > max) throw new InvalidArgumentError(`${name} must be a number in [${min}, ${max}].`);
+    return n;
+  };
+}
+
+function collect(v: string, prev: string[]): string[] {
+  return [...prev, v];
+}
+
+export interface Io {
+  out: (s: string) => void;
+  err: (s: string) => void;
+}
+
+const defaultIo: Io = { out: (s) => process.stdout.write(`${s}\n`), err: (s) => process.stderr.write(`${s}\n`) };
+
+function backendOption(): Option {
+  return new Option('--backend <name>', 'compute backend: auto (native TensorFlow if installed, else wasm, else cpu), native, wasm or cpu')
+    .choices([...BACKEND_CHOICES])
+    .default('auto');
+}
+
+async function selectBackend(choice: BackendChoice, io: Io, quiet: boolean): Promise<void> {
+  const info = await initBackend(choice);
+  if (!quiet) io.err(`backend: ${info.detail}${info.skipped.length > 0 && choice === 'auto' ? ` (skipped: ${info.skipped.join('; ')})` : ''}`);
+}
+
+export function buildProgram(io: Io = defaultIo): Command {
+  const program = new Command();
+  program
+    .name('medusa-train')
+    .description('Train Medusa heads on existing LLMs and export them to the runtimes that serve them.')
+    .version(VERSION)
+    .exitOverride()
+    .configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.err(s.trimEnd()) })
+    .showHelpAfterError('(run with --help for usage)');
+
+  program
+    .command('info')
+    .description('Describe a Hugging Face model folder: architecture, parameters, dtype, memory per backend')
+    .argument('<model-dir>', 'Hugging Face model folder (config.json + *.safetensors)')
+    .option('--context <tokens>', 'context length for the memory estimate', intArg('--context', 1, 16_777_216), 2048)
+    .option('--json', 'print JSON')
+    .action((dir: string, o: { context: number; json?: boolean }) => {
+      const r = modelInfo(dir, o.context);
+      io.out(o.json ? JSON.stringify(r, null, 2) : formatInfo(r));
+    });
+
+  program
+    .command('generate')
+    .description('Generate text with a model (greedy or sampled), printing tokens/s')
+    .option('--model <dir>', 'Hugging Face model folder; default: the embedded tiny model (random weights, built on first use)')
+    .option('--prompt <text>', 'prompt text; repeat for a batch', collect, [] as string[])
+    .option('--prompt-file <file>', 'prompts, one per line (added to --prompt)')
+    .option('--chat', "render each prompt as a user turn with the model's chat template")
+    .option('--system <text>', 'system message for --chat')
+    .option('--max-new-tokens <n>', 'new tokens per prompt', intArg('--max-new-tokens', 1, 1_000_000), 64)
+    .option('--temperature <t>', 'sampling temperature; 0 = greedy', numArg('--temperature', 0, 100), 0)
+    .option('--top-p <p>', 'nucleus sampling mass (1 = off)', numArg('--top-p', 1e-9, 1), 1)
+    .option('--top-k <k>', 'keep the k most likely tokens (0 = off)', intArg('--top-k', 0, 1_000_000), 0)
+    .option('--seed <n>', 'random seed for sampling', intArg('--seed', 0, 2 ** 32 - 1), 0)
+    .option('--no-eos', 'do not stop at end-of-sequence tokens')
+    .option('--json', 'print JSON')
+    .addOption(backendOption())
+    .action(async (o: { model?: string; prompt: string[]; promptFile?: string; chat?: boolean; system?: string; maxNewTokens: number; temperature: number; topP: number; topK: number; seed: number; eos: boolean; json?: boolean; backend: BackendChoice }) => {
+      await selectBackend(o.backend, io, !!o.json);
+      const prompts = [...o.prompt];
+      if (o.promptFile) prompts.push(...readPromptFile(o.promptFile));
+      const r = await runGenerate({
+        model: o.model, prompts, chat: !!o.chat, system: o.system, maxNewTokens: o.maxNewTokens,
+        temperature: o.temperature, topP: o.topP, topK: o.topK, seed: o.seed, stopAtEos: o.eos,
+        log: (s) => { if (!o.json) io.err(s); },
+      });
+      io.out(o.json ? JSON.stringify(r, null, 2) : formatGenerate(r));
+    });
+
+  program
+    .command('tiny')
+    .description('Write a tiny model folder (random weights, real tokenizer and chat template) for tests and demos')
+    .requiredOption('--out <dir>', 'folder to create (must not exist or be empty)')
+    .option('--arch <name>', 'llama, mistral, qwen2 or qwen3', 'llama')
+    .addOption(new Option('--preset <name>', 'tiny (64 hidden, 2 layers) or 20m (the ~20M-parameter benchmark shape)').choices(['tiny', '20m']).default('tiny'))
+    .option('--hidden <n>', 'hidden size', intArg('--hidden', 2, 65536))
+    .option('--layers <n>', 'decoder layers', intArg('--layers', 1, 1024))
+    .option('--heads <n>', 'attention heads', intArg('--heads', 1, 1024))
+    .option('--kv-heads <n>', 'key/value heads (GQA)', intArg('--kv-heads', 1, 1024))
+    .option('--ff <n>', 'MLP intermediate size', intArg('--ff', 1, 262144))
+    .option('--vocab <n>', 'vocabulary size (>= the tiny tokenizer\'s)', intArg('--vocab', 1, 1_048_576))
+    .option('--dtype <dtype>', 'f32, bf16 or f16', 'f32')
+    .option('--tied', 'tie lm_head to the embeddings')
+    .option('--untied', 'separate lm_head')
+    .option('--seed <n>', 'weight seed', intArg('--seed', 0, 2 ** 32 - 1), 0)
+    .action((o: { out: string; arch: string; preset: 'tiny' | '20m'; hidden?: number; layers?: number; heads?: number; kvHeads?: number; ff?: number; vocab?: number; dtype: string; tied?: boolean; untied?: boolean; seed: number }) => {
+      if (o.tied && o.untied) throw new MedusaError('E_USAGE', 'Give at most one of --tied and --untied.');
+      const r = runTiny({ ...o, tied: o.tied ? true : o.untied ? false : undefined });
+      io.out(`wrote ${r.out}: ${formatCount(r.parameters)} parameters, vocab ${r.vocabSize}`);
+    });
+
+  return program;
+}
+
+function readPromptFile(file: string): string[] {
+  if (!fs.existsSync(file)) throw new MedusaError('E_IO', `--prompt-file ${file} does not exist.`);
+  return fs.readFileSync(file, 'utf8').split('\n').map((l) => l.trim()).filter((l) => l.length > 0);
+}
+
+/** Run the CLI; returns the exit code (0 on success). */
+export async function main(argv: string[], io: Io = defaultIo): Promise<number> {
+  const program = buildProgram(io);
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+    return 0;
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      return e.exitCode === 0 ? 0 : 2; // help/version exit 0; usage errors (already printed) exit 2
+    }
+    if (isMedusaError(e)) {
+      io.err(`error [${e.code}]: ${e.message}`);
+      return e.exitCode;
+    }
+    io.err(`internal error: ${describe(e)}\n${e instanceof Error ? e.stack ?? '' : ''}\nThis is a bug in medusa-train; please report it with the command line above.`);
+    return 70;
+  }
+}
+
+const isEntryPoint = process.argv[1] !== undefined && fs.realpathSync(process.argv[1]) === fileURLToPath(import.meta.url);
+if (isEntryPoint) {
+  main(process.argv.slice(2)).then((code) => process.exit(code));
+}
