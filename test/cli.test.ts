@@ -1,0 +1,176 @@
+/**
+ * End-to-end CLI behaviour: tiny model folders of every architecture, info, generate, and every
+ * malformed-input case getting its named error and exit code (never a dependency's stack trace).
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { main } from '../src/cli.js';
+import { writeSafetensors, readHeader, readTensor } from '../src/io/safetensors.js';
+import { DECODER_FIXTURES } from './helpers/golden.js';
+
+interface Run { code: number; out: string; err: string }
+
+async function run(...argv: string[]): Promise<Run> {
+  const out: string[] = [];
+  const err: string[] = [];
+  const code = await main(argv, { out: (s) => out.push(s), err: (s) => err.push(s) });
+  return { code, out: out.join('\n'), err: err.join('\n') };
+}
+
+let tmp: string;
+beforeAll(() => {
+  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'medusa-cli-'));
+  process.env['MEDUSA_TRAIN_CACHE'] = path.join(tmp, 'cache');
+});
+afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+function copyFixture(variant: string): string {
+  const dst = path.join(tmp, `${variant}-${Math.random().toString(36).slice(2)}`);
+  fs.cpSync(path.join(DECODER_FIXTURES, variant), dst, { recursive: true });
+  return dst;
+}
+
+function expectCleanError(r: Run, code: string, ...parts: string[]): void {
+  expect(r.code).not.toBe(0);
+  expect(r.code).not.toBe(70); // not an internal error
+  expect(r.err).toContain(`error [${code}]`);
+  for (const p of parts) expect(r.err).toContain(p);
+  expect(r.err).not.toMatch(/\n\s+at /); // no stack trace
+}
+
+describe('tiny + info + generate', () => {
+  test.each(['llama', 'mistral', 'qwen2', 'qwen3'])('%s: tiny folder loads, info reports it, greedy generate is deterministic', async (arch) => {
+    const dir = path.join(tmp, `tiny-${arch}`);
+    const w = await run('tiny', '--out', dir, '--arch', arch, '--dtype', arch === 'qwen2' ? 'bf16' : 'f32', '--seed', '3');
+    expect(w.code).toBe(0);
+    for (const f of ['config.json', 'model.safetensors', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json']) {
+      expect(fs.existsSync(path.join(dir, f))).toBe(true);
+    }
+    const info = await run('info', dir, '--json');
+    expect(info.code).toBe(0);
+    const r = JSON.parse(info.out);
+    const header = readHeader(path.join(dir, 'model.safetensors'));
+    let stored = 0;
+    for (const t of header.tensors.values()) stored += t.shape.reduce((a, b) => a * b, 1);
+    expect(r.parameters).toBe(stored);
+    expect(r.fits.wasm).toBe(true);
+    const args = ['generate', '--model', dir, '--chat', '--prompt', 'Hi there', '--prompt', 'A longer second prompt here', '--max-new-tokens', '6', '--json', '--backend', 'wasm'];
+    const g1 = JSON.parse((await run(...args)).out);
+    const g2 = JSON.parse((await run(...args)).out);
+    expect(g1.outputs).toHaveLength(2);
+    expect(g1.outputs[0].tokens.length).toBeGreaterThan(0);
+    expect(g1.outputs.map((o: { tokens: number[] }) => o.tokens)).toEqual(g2.outputs.map((o: { tokens: number[] }) => o.tokens));
+    // the chat prompt starts with <|im_start|> (id 3) and ends with the generation prompt "assistant\n"
+    expect(g1.outputs[0].promptTokens[0]).toBe(3);
+  });
+
+  test('generate without --model builds and uses the embedded model', async () => {
+    const r = await run('generate', '--prompt', 'Hello', '--max-new-tokens', '4', '--temperature', '0.8', '--seed', '1');
+    expect(r.code).toBe(0);
+    expect(r.err).toContain('embedded tiny model');
+    expect(r.out).toMatch(/new tokens at [\d.]+ tok\/s on (wasm|tensorflow)/);
+    expect(fs.existsSync(path.join(tmp, 'cache', 'models', 'embedded-tiny-llama-v1', 'config.json'))).toBe(true);
+  });
+
+  test('tiny refuses to overwrite a non-empty folder', async () => {
+    const dir = path.join(tmp, 'tiny-llama');
+    expectCleanError(await run('tiny', '--out', dir), 'E_IO', dir, 'not empty');
+  });
+});
+
+describe('malformed inputs get named errors', () => {
+  test('missing folder', async () => {
+    expectCleanError(await run('info', path.join(tmp, 'nope')), 'E_IO', 'does not exist');
+  });
+
+  test('unsupported architecture lists the supported ones', async () => {
+    const dir = copyFixture('llama-gqa');
+    const cfg = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8'));
+    cfg.architectures = ['GPT2LMHeadModel'];
+    fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(cfg));
+    expectCleanError(await run('info', dir), 'E_UNSUPPORTED', 'GPT2LMHeadModel', 'LlamaForCausalLM', 'Qwen3ForCausalLM');
+  });
+
+  test('bad config values are all reported at once with their keys', async () => {
+    const dir = copyFixture('llama-gqa');
+    const cfg = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8'));
+    cfg.hidden_size = -3;
+    cfg.num_key_value_heads = 3;
+    cfg.rope_scaling = { rope_type: 'yarn', factor: 4 };
+    fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(cfg));
+    const r = await run('info', dir);
+    expectCleanError(r, 'E_CONFIG', 'hidden_size', 'num_key_value_heads', 'rope_scaling.rope_type', 'config.json');
+  });
+
+  test('config.json that is not JSON', async () => {
+    const dir = copyFixture('llama-gqa');
+    fs.writeFileSync(path.join(dir, 'config.json'), '{"architectures": [');
+    expectCleanError(await run('info', dir), 'E_CONFIG', 'config.json', 'not valid JSON');
+  });
+
+  test('a missing tensor is named', async () => {
+    const dir = copyFixture('llama-gqa');
+    const file = path.join(dir, 'model.safetensors');
+    const h = readHeader(file);
+    const kept: Record<string, ReturnType<typeof readTensor>> = {};
+    for (const [name, info] of h.tensors) if (name !== 'model.layers.1.mlp.up_proj.weight') kept[name] = readTensor(info);
+    writeSafetensors(file, kept);
+    expectCleanError(await run('info', dir), 'E_MODEL', 'model.layers.1.mlp.up_proj.weight', 'missing');
+  });
+
+  test('a tensor with the wrong shape is named with both shapes', async () => {
+    const dir = copyFixture('llama-gqa');
+    const file = path.join(dir, 'model.safetensors');
+    const h = readHeader(file);
+    const all: Record<string, { dtype: 'F32'; shape: number[]; data: Float32Array }> = {};
+    for (const [name, info] of h.tensors) all[name] = { dtype: 'F32', shape: info.shape, data: readTensor(info).data as Float32Array };
+    all['model.norm.weight'] = { dtype: 'F32', shape: [31], data: new Float32Array(31) };
+    writeSafetensors(file, all);
+    expectCleanError(await run('info', dir), 'E_MODEL', 'model.norm.weight', '[31]', '[32]');
+  });
+
+  test('unexpected tensors are reported, known-harmless ones ignored', async () => {
+    const dir = copyFixture('llama-gqa');
+    const file = path.join(dir, 'model.safetensors');
+    const h = readHeader(file);
+    const all: Record<string, ReturnType<typeof readTensor>> = {};
+    for (const [name, info] of h.tensors) all[name] = readTensor(info);
+    all['model.layers.0.self_attn.rotary_emb.inv_freq'] = { dtype: 'F32', shape: [4], data: new Float32Array(4) };
+    all['model.extra_adapter.weight'] = { dtype: 'F32', shape: [2], data: new Float32Array(2) };
+    writeSafetensors(file, all);
+    const r = JSON.parse((await run('info', dir, '--json')).out);
+    expect(r.unexpectedTensors).toEqual(['model.extra_adapter.weight']);
+    expect(r.ignoredTensors).toEqual(['model.layers.0.self_attn.rotary_emb.inv_freq']);
+  });
+
+  test('a truncated safetensors file', async () => {
+    const dir = copyFixture('llama-gqa');
+    const file = path.join(dir, 'model.safetensors');
+    const bytes = fs.readFileSync(file);
+    fs.writeFileSync(file, bytes.subarray(0, bytes.length - 1000));
+    expectCleanError(await run('info', dir), 'E_SAFETENSORS', file, 'truncated');
+  });
+
+  test('a shard listed in the index is missing', async () => {
+    const dir = copyFixture('llama-linear-f16-bias');
+    fs.rmSync(path.join(dir, 'model-00002-of-00002.safetensors'));
+    expectCleanError(await run('info', dir), 'E_IO', 'model-00002-of-00002.safetensors');
+  });
+
+  test('usage errors exit 2 without a stack', async () => {
+    const r = await run('generate', '--backend', 'gpu');
+    expect(r.code).toBe(2);
+    expect(r.err).toContain('gpu');
+    const r2 = await run('generate', '--max-new-tokens', '0');
+    expect(r2.code).toBe(2);
+    expect(r2.err).toContain('--max-new-tokens');
+  });
+
+  test('a prompt longer than the model\'s context is refused', async () => {
+    const dir = copyFixture('llama-gqa'); // max_position_embeddings 128
+    for (const f of ['tokenizer.json', 'tokenizer_config.json']) fs.copyFileSync(path.join(tmp, 'tiny-llama', f), path.join(dir, f));
+    const r = await run('generate', '--model', dir, '--prompt', 'word '.repeat(200));
+    expectCleanError(r, 'E_USAGE', 'max_position_embeddings');
+  });
+});
