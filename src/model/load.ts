@@ -11,6 +11,8 @@ import { openSafetensorsFolder, type ShardedModel } from '../io/safetensors.js';
 import { parseDecoderConfig, type DecoderConfig } from './config.js';
 import { checkTensorSet, loadDecoderWeights, type LoadReport } from './weights.js';
 import { makeDecoder, type Decoder } from './decoder.js';
+import { checkFitsBackend } from './memory.js';
+import { currentBackend } from '../backend.js';
 
 export interface ModelFolder {
   dir: string;
@@ -37,9 +39,11 @@ export function openModelFolder(dir: string): ModelFolder {
   return { dir, config, rawConfig: raw as Record<string, unknown>, generationConfig: gen as Record<string, unknown> | undefined, shards, configHash };
 }
 
-/** Open the folder, check the tensor set, and load the weights onto the current backend. */
+/** Open the folder, check the tensor set and that the model fits the backend, and load the weights onto it. */
 export function loadDecoder(dir: string): { decoder: Decoder; folder: ModelFolder; report: LoadReport } {
   const folder = openModelFolder(dir);
+  const backend = currentBackend();
+  checkFitsBackend(folder.config, backend.name, backend.maxTensorBytes, dir);
   const { weights, report } = loadDecoderWeights(folder.shards, folder.config, dir);
   return { decoder: makeDecoder(folder.config, weights), folder, report };
 }

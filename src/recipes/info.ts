@@ -5,16 +5,8 @@
 import * as os from 'node:os';
 import { inspectModelFolder } from '../model/load.js';
 import { parameterCount, type DecoderConfig } from '../model/config.js';
+import { estimateMemory, type MemoryEstimate } from '../model/memory.js';
 import { WASM_HEAP_BYTES } from '../backend.js';
-
-export interface MemoryEstimate {
-  /** Context length the estimate is for. */
-  contextTokens: number;
-  weightsBytes: number;
-  kvCacheBytes: number;
-  activationBytes: number;
-  totalBytes: number;
-}
 
 export interface InfoReport {
   dir: string;
@@ -27,24 +19,6 @@ export interface InfoReport {
   fits: { wasm: boolean; cpu: boolean; native: boolean };
   unexpectedTensors: string[];
   ignoredTensors: string[];
-}
-
-/**
- * Float32 memory for generation at batch 1 with `contextTokens` of context: weights (a tied lm_head
- * is stored a second time, transposed, so every matmul is the fast untransposed one), the KV cache,
- * and the prefill's largest transient activations (one layer's tensors plus one attention group's scores).
- */
-export function estimateMemory(c: DecoderConfig, contextTokens: number): MemoryEstimate {
-  const f = 4;
-  const N = contextTokens;
-  const weightsBytes = f * (parameterCount(c) + (c.tieWordEmbeddings ? c.vocabSize * c.hiddenSize : 0));
-  const kvCacheBytes = f * 2 * c.numLayers * c.numKvHeads * c.headDim * N;
-  const q = c.numHeads * c.headDim;
-  const kv = c.numKvHeads * c.headDim;
-  const perToken = 4 * c.hiddenSize + (q + 2 * kv) + 3 * q + 3 * c.intermediateSize;
-  const scores = 3 * (c.numHeads / c.numKvHeads) * N * N; // scores, probabilities, bias for one kv group
-  const activationBytes = f * (N * perToken + scores + c.vocabSize);
-  return { contextTokens: N, weightsBytes, kvCacheBytes, activationBytes, totalBytes: weightsBytes + kvCacheBytes + activationBytes };
 }
 
 export function modelInfo(dir: string, contextTokens?: number): InfoReport {
