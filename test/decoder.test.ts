@@ -117,3 +117,19 @@ describe.each(['wasm', 'cpu'] as const)('decoder on %s', (backend) => {
     disposeWeights(model.weights);
   });
 });
+
+describe('per-row generation settings', () => {
+  test('each row keeps its own max_new_tokens and sampling; rows match their single runs', async () => {
+    await initBackend('wasm');
+    const model = loadDecoder(path.join(DECODER_FIXTURES, 'llama-gqa')).decoder;
+    const base = { maxNewTokens: 8, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds: [], padId: 0 };
+    const prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]];
+    const perRow = [{ maxNewTokens: 3 }, { temperature: 0.9, topK: 5 }, {}];
+    const seeds = [11, 22, 33];
+    const batched = generate(model, prompts, { ...base, perRow, seeds });
+    expect(batched.tokens.map((t) => t.length)).toEqual([3, 8, 8]);
+    const single = prompts.map((p, i) => generate(model, [p], { ...base, perRow: [perRow[i]], seeds: [seeds[i]] }).tokens[0]);
+    expect(batched.tokens).toEqual(single);
+    disposeWeights(model.weights);
+  });
+});
