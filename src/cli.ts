@@ -12,6 +12,7 @@ import { BACKEND_CHOICES, initBackend, type BackendChoice } from './backend.js';
 import { modelInfo, formatInfo, formatCount } from './recipes/info.js';
 import { runTiny } from './recipes/tiny.js';
 import { runGenerate, formatGenerate } from './recipes/generate.js';
+import { runServe } from './recipes/serve.js';
 import { VERSION } from './version.js';
 
 function intArg(name: string, min: number, max: number) {
@@ -99,6 +100,44 @@ export function buildProgram(io: Io = defaultIo): Command {
         log: (s) => { if (!o.json) io.err(s); },
       });
       io.out(o.json ? JSON.stringify(r, null, 2) : formatGenerate(r));
+    });
+
+  program
+    .command('serve')
+    .description('Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models) with batching')
+    .option('--model <dir>', 'Hugging Face model folder; default: the embedded tiny model (random weights, built on first use)')
+    .option('--host <addr>', 'address to bind', '127.0.0.1')
+    .option('--port <n>', 'port to listen on (0 = any free port)', intArg('--port', 0, 65535), 8000)
+    .option('--served-model-name <name>', "the model id clients pass as 'model' (default: the model folder's name)")
+    .option('--max-batch <n>', 'most requests generated together in one batch', intArg('--max-batch', 1, 4096), 8)
+    .option('--max-queue <n>', 'most requests waiting for a batch (more get 503 + Retry-After)', intArg('--max-queue', 0, 1_000_000), 256)
+    .option('--max-new-tokens-limit <n>', 'most new tokens per request (also the default of chat requests, within the context)', intArg('--max-new-tokens-limit', 1, 1_000_000), 4096)
+    .addOption(backendOption())
+    .action(async (o: { model?: string; host: string; port: number; servedModelName?: string; maxBatch: number; maxQueue: number; maxNewTokensLimit: number; backend: BackendChoice }) => {
+      await selectBackend(o.backend, io, false);
+      const server = await runServe({
+        model: o.model, host: o.host, port: o.port, servedModelName: o.servedModelName,
+        maxBatch: o.maxBatch, maxQueue: o.maxQueue, maxNewTokensLimit: o.maxNewTokensLimit, log: (s) => io.err(s),
+      });
+      io.err(`serving ${server.modelName}`);
+      io.err(`listening on ${server.url}`);
+      // Run until SIGINT/SIGTERM: the first closes gracefully (queued requests get 503, the running
+      // batch finishes), a second one stops at once.
+      await new Promise<void>((resolve, reject) => {
+        let signals = 0;
+        const onSignal = (sig: NodeJS.Signals): void => {
+          signals++;
+          io.err(signals === 1 ? `${sig}: shutting down after the requests in flight (signal again to stop now)` : `${sig}: stopping now`);
+          server.close({ force: signals > 1 }).then(() => {
+            process.off('SIGINT', onSignal);
+            process.off('SIGTERM', onSignal);
+            resolve();
+          }, reject);
+        };
+        process.on('SIGINT', onSignal);
+        process.on('SIGTERM', onSignal);
+      });
+      io.err('server closed');
     });
 
   program
