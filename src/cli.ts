@@ -13,6 +13,10 @@ import { modelInfo, formatInfo, formatCount } from './recipes/info.js';
 import { runTiny } from './recipes/tiny.js';
 import { runGenerate, formatGenerate } from './recipes/generate.js';
 import { runServe } from './recipes/serve.js';
+import { runDistill, formatDistillSummary } from './recipes/distill.js';
+import { createProgress } from './progress.js';
+import { ensureEmbeddedModel } from './model/tiny.js';
+import { PROMPT_FORMATS, type PromptFormat } from './data/prompts.js';
 import { VERSION } from './version.js';
 
 function intArg(name: string, min: number, max: number) {
@@ -138,6 +142,70 @@ export function buildProgram(io: Io = defaultIo): Command {
         process.on('SIGTERM', onSignal);
       });
       io.err('server closed');
+    });
+
+  program
+    .command('distill')
+    .description("Self-distillation: regenerate every assistant turn of a prompt set with the base model, into a resumable Arrow dataset")
+    .requiredOption('--input <file>', 'prompt file (ShareGPT JSON/JSONL, OpenAI messages JSONL, {"prompt"} JSONL, text, Parquet); repeat for several', collect, [] as string[])
+    .requiredOption('--out <dir>', 'dataset folder; rerunning the same command resumes it')
+    .addOption(new Option('--format <name>', 'input format').choices([...PROMPT_FORMATS]).default('auto'))
+    .option('--model <dir>', "the base model folder (weights for --engine local; tokenizer, template and config for --engine openai); default: the embedded tiny model")
+    .addOption(new Option('--engine <name>', 'who generates: the embedded backbone, or OpenAI-compatible servers').choices(['local', 'openai']).default('local'))
+    .option('--url <base>', 'OpenAI-compatible base URL (e.g. http://127.0.0.1:8000); repeat to spread requests round-robin', collect, [] as string[])
+    .option('--served-model <name>', "model name on the server (default: the first of GET /v1/models)")
+    .option('--in-flight <n>', 'openai engine: requests in flight', intArg('--in-flight', 1, 1024), 16)
+    .option('--timeout <seconds>', 'openai engine: per-request timeout', numArg('--timeout', 0.001, 86400), 600)
+    .option('--retries <n>', 'openai engine: retries per request (network errors, timeouts, 429, 5xx)', intArg('--retries', 0, 100), 4)
+    .option('--backoff-ms <ms>', 'openai engine: first retry delay, doubled each retry', intArg('--backoff-ms', 0, 600_000), 500)
+    .option('--temperature <t>', 'sampling temperature (0 = greedy)', numArg('--temperature', 0, 100), 0.3)
+    .option('--top-p <p>', 'nucleus sampling mass (1 = off)', numArg('--top-p', 1e-9, 1), 1)
+    .option('--top-k <k>', 'keep the k most likely tokens (0 = off)', intArg('--top-k', 0, 1_000_000), 0)
+    .option('--seed <n>', 'sampling seed (each conversation and turn gets its own stream)', intArg('--seed', 0, 2 ** 32 - 1), 0)
+    .option('--max-new-tokens <n>', 'most tokens per assistant turn', intArg('--max-new-tokens', 1, 1_000_000), 512)
+    .option('--max-total-tokens <n>', "most tokens per conversation (capped at the model's context)", intArg('--max-total-tokens', 2, 16_777_216), 2048)
+    .option('--batch-size <n>', 'local engine: rows generated together', intArg('--batch-size', 1, 1024), 8)
+    .option('--shard-size <n>', 'conversations per dataset shard (the unit of resume)', intArg('--shard-size', 1, 100_000), 64)
+    .option('--teacher-topk <k>', "local engine: store the teacher's top-k log-probabilities at each generated token (for MEDUSA-2 distillation)", intArg('--teacher-topk', 0, 1024), 0)
+    .option('--limit <n>', 'only the first n conversations', intArg('--limit', 1, 1e12))
+    .option('--overwrite', 'start the dataset again instead of resuming')
+    .option('--no-progress', 'no progress bar or progress lines')
+    .option('--json', 'print the summary as JSON')
+    .addOption(backendOption())
+    .action(async (o: {
+      input: string[]; out: string; format: PromptFormat; model?: string; engine: 'local' | 'openai'; url: string[]; servedModel?: string; inFlight: number;
+      timeout: number; retries: number; backoffMs: number; temperature: number; topP: number; topK: number; seed: number; maxNewTokens: number;
+      maxTotalTokens: number; batchSize: number; shardSize: number; teacherTopk: number; limit?: number; overwrite?: boolean; progress: boolean; json?: boolean; backend: BackendChoice;
+    }) => {
+      if (o.engine === 'local') await selectBackend(o.backend, io, false);
+      const model = o.model ?? ensureEmbeddedModel();
+      if (!o.model) io.err(`model: the embedded tiny model at ${model}`);
+      let signals = 0;
+      const onSignal = (sig: NodeJS.Signals): void => {
+        signals++;
+        if (signals > 1) {
+          io.err(`${sig}: stopping now; rerun the same command to resume from the last complete shard`);
+          process.exit(130);
+        }
+        io.err(`${sig}: finishing the current shard, then stopping (signal again to stop now)`);
+      };
+      process.on('SIGINT', onSignal);
+      process.on('SIGTERM', onSignal);
+      try {
+        const s = await runDistill({
+          inputs: o.input, format: o.format, out: o.out, model, engine: o.engine, urls: o.url, servedModel: o.servedModel, inFlight: o.inFlight,
+          timeoutMs: o.timeout * 1000, retries: o.retries, backoffMs: o.backoffMs,
+          sampling: { temperature: o.temperature, topP: o.topP, topK: o.topK }, seed: o.seed, maxNewTokens: o.maxNewTokens, maxTotalTokens: o.maxTotalTokens,
+          batchSize: o.batchSize, shardSize: o.shardSize, topk: o.teacherTopk, limit: o.limit, overwrite: !!o.overwrite,
+          log: (line) => io.err(line),
+          progress: createProgress({ label: 'distill', unit: 'conversations', isTTY: !!process.stderr.isTTY && !o.json, log: (line) => io.err(line), enabled: o.progress }),
+          shouldStop: () => signals > 0,
+        });
+        io.out(o.json ? JSON.stringify(s, null, 2) : formatDistillSummary(s));
+      } finally {
+        process.off('SIGINT', onSignal);
+        process.off('SIGTERM', onSignal);
+      }
     });
 
   program

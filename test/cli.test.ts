@@ -5,18 +5,10 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { main } from '../src/cli.js';
+import { run, type Run } from './helpers/cli.js';
 import { writeSafetensors, readHeader, readTensor } from '../src/io/safetensors.js';
 import { DECODER_FIXTURES } from './helpers/golden.js';
 
-interface Run { code: number; out: string; err: string }
-
-async function run(...argv: string[]): Promise<Run> {
-  const out: string[] = [];
-  const err: string[] = [];
-  const code = await main(argv, { out: (s) => out.push(s), err: (s) => err.push(s) });
-  return { code, out: out.join('\n'), err: err.join('\n') };
-}
 
 let tmp: string;
 beforeAll(() => {

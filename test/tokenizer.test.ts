@@ -5,6 +5,7 @@ import { MedusaError } from '../src/errors.js';
 import { Tokenizer, canonicalJson, loadTokenizer, parseEosTokenId, resolveEosIds } from '../src/data/tokenizer.js';
 import { TINY_VOCAB_SIZE, buildTinyTokenizer, bytesToUnicode, CHATML_TEMPLATE } from '../src/model/tiny-tokenizer.js';
 import { llamaTokenizerJson } from './helpers/llama-tokenizer.js';
+import { Rng } from '../src/model/sampling.js';
 
 /** Runs `fn` and returns the MedusaError it throws (fails the test if it throws something else or nothing). */
 async function errorOf(fn: () => unknown): Promise<MedusaError> {
@@ -22,16 +23,10 @@ function tiny(): Tokenizer {
   return Tokenizer.fromJSON(t.tokenizerJson, t.tokenizerConfig, { generationConfig: t.generationConfig, specialTokensMap: t.specialTokensMap });
 }
 
-/** Deterministic PRNG (mulberry32). */
+/** Deterministic PRNG (mulberry32, the project's seeded generator). */
 function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const r = new Rng(seed);
+  return () => r.next();
 }
 
 /** A random valid string (no lone surrogates) mixing ASCII, whitespace, Latin-1, CJK, emoji and more. */

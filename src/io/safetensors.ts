@@ -8,12 +8,13 @@
  *
  * Every problem the user can cause becomes a MedusaError (E_SAFETENSORS for bad content, E_IO for
  * missing/unreadable files) whose message names the file, the tensor, the limit and the fix.
- * Leaf module: imports only node builtins and ../errors.js.
+ * Leaf module: imports only node builtins, ./atomic.js and ../errors.js.
  */
 
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { writeFileAtomic } from './atomic.js';
 import { MedusaError, describe } from '../errors.js';
 
 export type DType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
@@ -173,13 +174,6 @@ function readFully(fd: number, dst: Uint8Array, position: number): number {
     done += n;
   }
   return done;
-}
-
-function writeFully(fd: number, src: Uint8Array): void {
-  let done = 0;
-  while (done < src.length) {
-    done += fs.writeSync(fd, src, done, Math.min(IO_CHUNK, src.length - done));
-  }
 }
 
 /** Reverse the byte order of every `width`-byte element in place (only used on big-endian hosts). */
@@ -744,42 +738,14 @@ export function writeSafetensors(
   headerBytes.writeBigUInt64LE(BigInt(padded), 0);
   json.copy(headerBytes, 8);
 
-  const tmp = `${file}.tmp-${process.pid}`;
-  let fd: number | undefined;
   try {
-    fd = fs.openSync(tmp, 'w');
-    writeFully(fd, headerBytes);
-    for (const [name, t] of order) writeFully(fd, tensorBytes(t, kinds.get(name)!));
-    fs.fsyncSync(fd);
-    fs.closeSync(fd);
-    fd = undefined;
-    fs.renameSync(tmp, file);
+    writeFileAtomic(file, (function* () {
+      yield headerBytes;
+      for (const [name, t] of order) yield tensorBytes(t, kinds.get(name)!);
+    })());
   } catch (e) {
-    if (fd !== undefined) {
-      try {
-        fs.closeSync(fd);
-      } catch {
-        /* already failing */
-      }
-    }
-    try {
-      fs.unlinkSync(tmp);
-    } catch {
-      /* tmp may not exist */
-    }
     if (e instanceof MedusaError) throw e;
     throw ioErr(`cannot write safetensors file ${file}: ${describe(e)}; check that the folder exists, is writable and has free space`, e);
-  }
-  // Make the rename durable; best effort (directories cannot be fsynced on every platform).
-  try {
-    const dfd = fs.openSync(path.dirname(file), 'r');
-    try {
-      fs.fsyncSync(dfd);
-    } finally {
-      fs.closeSync(dfd);
-    }
-  } catch {
-    /* not supported here */
   }
 }
 

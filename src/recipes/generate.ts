@@ -9,7 +9,7 @@ import { disposeWeights } from '../model/weights.js';
 import { generate, type FinishReason } from '../model/generate.js';
 import { ensureEmbeddedModel } from '../model/tiny.js';
 import { loadTokenizer } from '../data/tokenizer.js';
-import { renderChat, type ChatMessage } from '../data/chat.js';
+import { encodeChat, type ChatMessage } from '../data/chat.js';
 
 export interface GenerateArgs {
   model?: string;
@@ -53,8 +53,8 @@ export async function runGenerate(a: GenerateArgs): Promise<GenerateReport> {
       const template = tokenizer.chatTemplate;
       if (!template) fail('E_TOKENIZER', `${dir}/tokenizer_config.json has no chat_template; drop --chat or add a template.`);
       const messages: ChatMessage[] = [...(a.system ? [{ role: 'system' as const, content: a.system }] : []), { role: 'user', content: p }];
-      const text = renderChat(template, messages, { addGenerationPrompt: true, bosToken: tokenizer.bosToken, eosToken: tokenizer.eosToken });
-      return tokenizer.encode(text, { addSpecialTokens: false });
+      // Segment-wise, exactly as distill builds its prompts, so both give the same tokens.
+      return encodeChat(tokenizer, template, messages, { addGenerationPrompt: true }).ids;
     });
     // --- generate ---
     const eosIds = a.stopAtEos ? [...new Set([...decoder.config.eosTokenIds, ...tokenizer.eosIds])] : [];
