@@ -1,4 +1,4 @@
-import { Rng, argmax, selectToken, streamSeed } from '../src/model/sampling.js';
+import { Rng, argmax, samplingCandidates, selectToken, streamSeed } from '../src/model/sampling.js';
 
 describe('sampling', () => {
   const logits = Float32Array.from([1.0, 3.0, 2.0, 3.0, -1.0]);
@@ -54,5 +54,44 @@ describe('sampling', () => {
   test('reads the row at the given offset', () => {
     const two = Float32Array.from([0, 9, 0, 5, 0, 0]);
     expect(selectToken(two, 3, 3, { temperature: 0, topP: 1, topK: 0 }, new Rng(0))).toBe(0);
+  });
+});
+
+describe('sampling candidates equal a brute-force reference', () => {
+  /** Full sort of the vocabulary, as transformers' warpers do. */
+  function reference(logits: Float32Array, p: { temperature: number; topP: number; topK: number }): Set<number> {
+    const V = logits.length;
+    const idx = Array.from({ length: V }, (_, i) => i).sort((a, b) => logits[b] - logits[a] || a - b);
+    let keep = p.topK > 0 ? Math.min(p.topK, V) : V;
+    const pr = idx.slice(0, keep).map((i) => Math.exp((logits[i] - logits[idx[0]]) / p.temperature));
+    const z = pr.reduce((a, b) => a + b, 0);
+    if (p.topP < 1) {
+      let cum = 0;
+      let k = 0;
+      while (k < keep) {
+        cum += pr[k] / z;
+        k++;
+        if (cum >= p.topP) break;
+      }
+      keep = k;
+    }
+    return new Set(idx.slice(0, keep));
+  }
+
+  test.each([
+    { temperature: 1, topP: 1, topK: 50 },
+    { temperature: 0.7, topP: 0.9, topK: 0 },
+    { temperature: 0.3, topP: 0.5, topK: 100 },
+    { temperature: 2, topP: 0.99, topK: 0 },
+  ])('%o', (p) => {
+    const rng = new Rng(3);
+    for (let trial = 0; trial < 5; trial++) {
+      const V = 5000;
+      const logits = new Float32Array(V);
+      for (let i = 0; i < V; i++) logits[i] = Math.round((rng.next() * 12 - 6) * 4) / 4; // many ties
+      const got = samplingCandidates(logits, 0, V, p);
+      expect(new Set(got.ids)).toEqual(reference(logits, p));
+      expect(got.ids.length).toBe(new Set(got.ids).size);
+    }
   });
 });

@@ -20,6 +20,8 @@ export interface OpenAIEngineArgs {
   backoffMs: number;
   sampling: SamplingParams;
   tokenizer: Tokenizer;
+  /** The model's vocabulary size (config.json; may exceed the tokenizer's when the embedding is padded). */
+  vocabSize: number;
   /** Appended when the server says the turn stopped (finish_reason "stop") but returned only text. */
   endOfTurnId: number;
   log: (line: string) => void;
@@ -77,7 +79,7 @@ export function createOpenAIEngine(a: OpenAIEngineArgs): DistillEngine & { stats
   let next = 0;
   let model = a.model;
   const stats: OpenAIStats = { requests: 0, attempts: 0, retried: 0, failed: 0, byUrl: Object.fromEntries(urls.map((u) => [u, { ok: 0, errors: 0 }])) };
-  const V = a.tokenizer.vocabSize;
+  const V = a.vocabSize;
 
   async function resolveModel(): Promise<string> {
     if (model) return model;

@@ -1,6 +1,9 @@
 /**
  * Token selection: greedy, or sampling with temperature, top-k and top-p (applied in that order, as
  * transformers' logits warpers do), from a seeded generator so every run is reproducible.
+ *
+ * Cost per token is O(V) for plain sampling and top-k (a selection, not a sort of the vocabulary);
+ * top-p sorts only the tokens that can be in the nucleus.
  */
 
 /** mulberry32: small, fast, seedable 32-bit PRNG. `next()` returns a float in [0, 1). */
@@ -54,37 +57,122 @@ export function argmax(x: ArrayLike<number>, offset = 0, n = x.length - offset):
   return best;
 }
 
-/** Pick the next token from one row of logits (logits[offset .. offset+V)). */
-export function selectToken(logits: ArrayLike<number>, offset: number, V: number, p: SamplingParams, rng: Rng): number {
-  if (p.temperature === 0) return argmax(logits, offset, V);
-  // Candidates sorted by logit, descending (ties by index, ascending).
-  const idx = Array.from({ length: V }, (_, i) => i);
-  idx.sort((a, b) => logits[offset + b] - logits[offset + a] || a - b);
-  let keep = p.topK > 0 ? Math.min(p.topK, V) : V;
-  const maxLogit = logits[offset + idx[0]] / p.temperature;
-  const probs = new Float64Array(keep);
-  let sum = 0;
-  for (let i = 0; i < keep; i++) {
-    probs[i] = Math.exp(logits[offset + idx[i]] / p.temperature - maxLogit);
-    sum += probs[i];
+/** The k-th largest of `values` (1-based k), by quickselect on a copy. */
+function kthLargest(values: Float64Array, k: number): number {
+  const a = Float64Array.from(values);
+  let lo = 0;
+  let hi = a.length - 1;
+  const target = k - 1;
+  while (lo < hi) {
+    const pivot = a[(lo + hi) >>> 1];
+    let i = lo;
+    let j = hi;
+    while (i <= j) {
+      while (a[i] > pivot) i++;
+      while (a[j] < pivot) j--;
+      if (i <= j) {
+        const t = a[i];
+        a[i] = a[j];
+        a[j] = t;
+        i++;
+        j--;
+      }
+    }
+    if (target <= j) hi = j;
+    else if (target >= i) lo = i;
+    else return a[target];
   }
+  return a[target];
+}
+
+/**
+ * The tokens sampling may pick and their unnormalised weights, for temperature > 0 (in a fixed
+ * order: ascending id, or descending probability under top-p).
+ */
+export function samplingCandidates(logits: ArrayLike<number>, offset: number, V: number, p: SamplingParams): { ids: number[]; weights: number[] } {
+  // Scaled logits and unnormalised probabilities.
+  const scaled = new Float64Array(V);
+  let max = -Infinity;
+  for (let i = 0; i < V; i++) {
+    scaled[i] = logits[offset + i] / p.temperature;
+    if (scaled[i] > max) max = scaled[i];
+  }
+  // Candidates: all ids, or the top-k (ties at the k-th value: lower ids first).
+  let cand: number[];
+  if (p.topK > 0 && p.topK < V) {
+    const kth = kthLargest(scaled, p.topK);
+    cand = [];
+    for (let i = 0; i < V; i++) if (scaled[i] > kth) cand.push(i);
+    for (let i = 0; i < V && cand.length < p.topK; i++) if (scaled[i] === kth) cand.push(i);
+    cand.sort((a, b) => a - b);
+  } else {
+    cand = Array.from({ length: V }, (_, i) => i);
+  }
+  const prob = (i: number): number => Math.exp(scaled[i] - max);
+  let total = 0;
+  for (const i of cand) total += prob(i);
   if (p.topP < 1) {
-    // Keep the smallest prefix whose probability mass reaches topP (at least one token).
+    // The nucleus lies within any set of top tokens whose mass already reaches top_p: shrink the
+    // candidates to the tokens above a threshold when that holds, then sort only those.
+    for (const rel of [1e-3, 1e-6, 1e-9]) {
+      const t = rel; // probability relative to the most likely token
+      const kept = cand.filter((i) => prob(i) >= t);
+      let mass = 0;
+      for (const i of kept) mass += prob(i);
+      if (mass / total >= p.topP) {
+        cand = kept;
+        break;
+      }
+    }
+    cand.sort((a, b) => scaled[b] - scaled[a] || a - b);
     let cum = 0;
     let k = 0;
-    while (k < keep) {
-      cum += probs[k] / sum;
+    while (k < cand.length) {
+      cum += prob(cand[k]) / total;
       k++;
       if (cum >= p.topP) break;
     }
-    keep = k;
-    sum = 0;
-    for (let i = 0; i < keep; i++) sum += probs[i];
+    cand = cand.slice(0, k);
+    total = 0;
+    for (const i of cand) total += prob(i);
   }
-  let u = rng.next() * sum;
-  for (let i = 0; i < keep; i++) {
-    u -= probs[i];
-    if (u < 0) return idx[i];
+  void total;
+  return { ids: cand, weights: cand.map(prob) };
+}
+
+let weightScratch = new Float64Array(0);
+function weightBuffer(V: number): Float64Array {
+  if (weightScratch.length < V) weightScratch = new Float64Array(V);
+  return weightScratch;
+}
+
+/** Pick the next token from one row of logits (logits[offset .. offset+V)). */
+export function selectToken(logits: ArrayLike<number>, offset: number, V: number, p: SamplingParams, rng: Rng): number {
+  if (p.temperature === 0) return argmax(logits, offset, V);
+  if (p.topK === 0 && p.topP >= 1) {
+    // Plain sampling: one pass for the max, one for the weights, one walk; no candidate arrays.
+    let max = -Infinity;
+    for (let i = 0; i < V; i++) max = Math.max(max, logits[offset + i]);
+    const w = weightBuffer(V);
+    let total = 0;
+    for (let i = 0; i < V; i++) {
+      w[i] = Math.exp((logits[offset + i] - max) / p.temperature);
+      total += w[i];
+    }
+    let u = rng.next() * total;
+    for (let i = 0; i < V; i++) {
+      u -= w[i];
+      if (u < 0) return i;
+    }
+    return V - 1;
   }
-  return idx[keep - 1];
+  const { ids, weights } = samplingCandidates(logits, offset, V, p);
+  let total = 0;
+  for (const w of weights) total += w;
+  let u = rng.next() * total;
+  for (let j = 0; j < ids.length; j++) {
+    u -= weights[j];
+    if (u < 0) return ids[j];
+  }
+  return ids[ids.length - 1];
 }

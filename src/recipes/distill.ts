@@ -162,7 +162,7 @@ export async function runDistill(a: DistillArgs): Promise<DistillSummary> {
   } else {
     const oe = createOpenAIEngine({
       urls: a.urls, model: a.servedModel, inFlight: a.inFlight, timeoutMs: a.timeoutMs, retries: a.retries, backoffMs: a.backoffMs,
-      sampling: a.sampling, tokenizer, endOfTurnId: tokenizer.eosIds[0] ?? eosIds[0], log: a.log, onTokens: (n) => { generatedTokens += n; },
+      sampling: a.sampling, tokenizer, vocabSize: folder.config.vocabSize, endOfTurnId: tokenizer.eosIds[0] ?? eosIds[0], log: a.log, onTokens: (n) => { generatedTokens += n; },
     });
     try {
       a.log(`served model: ${await oe.resolveModel()}`);
