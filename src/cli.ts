@@ -15,6 +15,9 @@ import { runGenerate, formatGenerate } from './recipes/generate.js';
 import { runServe } from './recipes/serve.js';
 import { runDistill, formatDistillSummary } from './recipes/distill.js';
 import { createProgress } from './progress.js';
+import { loadTrainConfig } from './config.js';
+import { runMedusa1, formatMedusa1Summary } from './recipes/medusa1.js';
+import { runDemo } from './recipes/demo.js';
 import { ensureEmbeddedModel } from './model/tiny.js';
 import { PROMPT_FORMATS, type PromptFormat } from './data/prompts.js';
 import { VERSION } from './version.js';
@@ -180,32 +183,45 @@ export function buildProgram(io: Io = defaultIo): Command {
       if (o.engine === 'local') await selectBackend(o.backend, io, false);
       const model = o.model ?? ensureEmbeddedModel();
       if (!o.model) io.err(`model: the embedded tiny model at ${model}`);
-      let signals = 0;
-      const onSignal = (sig: NodeJS.Signals): void => {
-        signals++;
-        if (signals > 1) {
-          io.err(`${sig}: stopping now; rerun the same command to resume from the last complete shard`);
-          process.exit(130);
-        }
-        io.err(`${sig}: finishing the current shard, then stopping (signal again to stop now)`);
-      };
-      process.on('SIGINT', onSignal);
-      process.on('SIGTERM', onSignal);
-      try {
-        const s = await runDistill({
+      const s = await withStopSignals(io, 'finishing the current shard, then stopping', (shouldStop) => runDistill({
           inputs: o.input, format: o.format, out: o.out, model, engine: o.engine, urls: o.url, servedModel: o.servedModel, inFlight: o.inFlight,
           timeoutMs: o.timeout * 1000, retries: o.retries, backoffMs: o.backoffMs,
           sampling: { temperature: o.temperature, topP: o.topP, topK: o.topK }, seed: o.seed, maxNewTokens: o.maxNewTokens, maxTotalTokens: o.maxTotalTokens,
           batchSize: o.batchSize, shardSize: o.shardSize, topk: o.teacherTopk, limit: o.limit, overwrite: !!o.overwrite,
           log: (line) => io.err(line),
           progress: createProgress({ label: 'distill', unit: 'conversations', isTTY: !!process.stderr.isTTY && !o.json, log: (line) => io.err(line), enabled: o.progress }),
-          shouldStop: () => signals > 0,
-        });
-        io.out(o.json ? JSON.stringify(s, null, 2) : formatDistillSummary(s));
-      } finally {
-        process.off('SIGINT', onSignal);
-        process.off('SIGTERM', onSignal);
-      }
+          shouldStop,
+        }));
+      io.out(o.json ? JSON.stringify(s, null, 2) : formatDistillSummary(s));
+    });
+
+  program
+    .command('train')
+    .description('Train Medusa heads (recipe: medusa1 = frozen backbone, heads only) from a YAML config')
+    .option('--config <file>', 'YAML config (see docs/CONFIG.md and configs/); without it, the defaults')
+    .option('--set <key=value>', 'override one config key, e.g. --set train.lr=2e-3 (repeatable)', collect, [] as string[])
+    .option('--resume', "continue the run from its latest checkpoint (same training settings)")
+    .option('--no-progress', 'no progress bar or progress lines')
+    .option('--json', 'print the summary as JSON')
+    .action(async (o: { config?: string; set: string[]; resume?: boolean; progress: boolean; json?: boolean }) => {
+      const { config } = loadTrainConfig(o.config ?? null, o.set);
+      const s = await withStopSignals(io, 'finishing the current step, writing a checkpoint, then stopping', (shouldStop) =>
+        runMedusa1({
+          config, commandLine: ['medusa-train', ...process.argv.slice(2)], resume: !!o.resume, log: (line) => io.err(line), shouldStop,
+          progress: createProgress({ label: 'train', unit: 'steps', isTTY: !!process.stderr.isTTY && !o.json, log: (line) => io.err(line), enabled: o.progress }),
+        }));
+      io.out(o.json ? JSON.stringify(s, null, 2) : formatMedusa1Summary(s));
+    });
+
+  program
+    .command('demo')
+    .description('The whole embedded pipeline, no downloads: distill the built-in prompts with the embedded model, then train MEDUSA-1 heads')
+    .option('--out <dir>', 'where the dataset and run go', 'runs/demo')
+    .option('--no-progress', 'no progress bar or progress lines')
+    .action(async (o: { out: string; progress: boolean }) => {
+      const s = await withStopSignals(io, 'stopping after the current shard or step (rerun to resume)', (shouldStop) =>
+        runDemo({ out: o.out, log: (line) => io.err(line), shouldStop, progress: (label, unit) => createProgress({ label, unit, isTTY: !!process.stderr.isTTY, log: (line) => io.err(line), enabled: o.progress }) }));
+      io.out(s);
     });
 
   program
@@ -231,6 +247,30 @@ export function buildProgram(io: Io = defaultIo): Command {
     });
 
   return program;
+}
+
+/**
+ * Run `work` with SIGINT/SIGTERM turned into a stop request it polls; a second signal exits at once
+ * (the run stays resumable: datasets and checkpoints are written atomically).
+ */
+async function withStopSignals<T>(io: Io, what: string, work: (shouldStop: () => boolean) => Promise<T>): Promise<T> {
+  let signals = 0;
+  const onSignal = (sig: NodeJS.Signals): void => {
+    signals++;
+    if (signals > 1) {
+      io.err(`${sig}: stopping now; rerun the same command to resume`);
+      process.exit(130);
+    }
+    io.err(`${sig}: ${what} (signal again to stop now)`);
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    return await work(() => signals > 0);
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
 }
 
 function readPromptFile(file: string): string[] {

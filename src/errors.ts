@@ -14,6 +14,7 @@ export type ErrorCode =
   | 'E_TOKENIZER' // tokenizer.json / tokenizer_config.json / chat template problems
   | 'E_BACKEND' // a backend that cannot be loaded or cannot hold the model
   | 'E_ENGINE' // the engine failed in a way that would make results wrong (e.g. wasm heap exhausted)
+  | 'E_TRAIN' // training diverged (NaN/Inf loss) or cannot continue
   | 'E_INTERNAL'; // a bug: please report
 
 const EXIT_CODES: Record<ErrorCode, number> = {
@@ -26,6 +27,7 @@ const EXIT_CODES: Record<ErrorCode, number> = {
   E_TOKENIZER: 8,
   E_BACKEND: 9,
   E_ENGINE: 10,
+  E_TRAIN: 11,
   E_INTERNAL: 70,
 };
 

@@ -82,10 +82,10 @@ export function initHeads(s: HeadsShape, baseLmHead: tf.Tensor2D, seed: number):
     for (let l = 0; l < s.numLayers; l++) {
       const b = new Float32Array(d);
       for (let i = 0; i < d; i++) b[i] = (2 * rng.next() - 1) * bound;
-      layers.push({ w: tf.variable(tf.zeros([d, d]), true, `h${k}.l${l}.w`) as tf.Variable<tf.Rank.R2>, b: tf.variable(tf.tensor1d(b), true, `h${k}.l${l}.b`) as tf.Variable<tf.Rank.R1> });
+      layers.push({ w: tf.variable(tf.zeros([d, d]), true) as tf.Variable<tf.Rank.R2>, b: tf.variable(tf.tensor1d(b), true) as tf.Variable<tf.Rank.R1> });
     }
     blocks.push(layers);
-    proj.push(s.lmHead === 'per_head' ? (tf.variable(baseLmHead.clone(), true, `h${k}.w2`) as tf.Variable<tf.Rank.R2>) : null);
+    proj.push(s.lmHead === 'per_head' ? (tf.variable(baseLmHead.clone(), true) as tf.Variable<tf.Rank.R2>) : null);
   }
   return { shape: s, blocks, proj, baseLmHead };
 }

@@ -1,0 +1,372 @@
+/**
+ * `medusa-train train` with `recipe: medusa1`: the backbone is frozen and only the Medusa heads train.
+ *
+ * Setup: run folder, model + tokenizer, datasets (refused if distilled from another model or
+ * tokenizer), eval split, heads (fresh or from the latest checkpoint with --resume), AdamW, the
+ * optional hidden-state cache (filled in one pass before training). Run: micro-batches from a
+ * per-epoch plan that is a pure function of (seed, epoch); per-head loss with exact gradients;
+ * clipping; AdamW; metrics JSONL; eval and atomic checkpoints on their cadence. Clean up: final
+ * checkpoint, summary.json. A NaN/Inf loss stops the run and keeps the last good checkpoint;
+ * `shouldStop` (SIGINT/SIGTERM) writes a checkpoint and returns.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { createHash } from 'node:crypto';
+import * as tf from '@tensorflow/tfjs';
+import { fail } from '../errors.js';
+import { initBackend, currentBackend, type BackendChoice } from '../backend.js';
+import { configHash, saveResolvedConfig, type TrainConfig } from '../config.js';
+import { loadDecoder } from '../model/load.js';
+import { decoderForward, type Decoder } from '../model/decoder.js';
+import { disposeWeights } from '../model/weights.js';
+import { ensureEmbeddedModel } from '../model/tiny.js';
+import { disposeHeads, exportHeads, importHeads, initHeads, trainableParams, type MedusaHeads } from '../model/heads.js';
+import { loadTokenizer } from '../data/tokenizer.js';
+import { countValid, loadExamples, padBatch, planEpoch, splitEval, type PaddedBatch, type TrainExample } from '../data/batches.js';
+import { hiddenCacheBytes, openHiddenCache, type HiddenCache } from '../data/hidden-cache.js';
+import { headsLoss, TOPK_REPORTED } from '../train/heads-loss.js';
+import { AdamW } from '../train/optimizer.js';
+import { lrAt, warmupSteps } from '../train/schedule.js';
+import { clipGradNorm } from '../train/clip.js';
+import { latestCheckpoint, loadCheckpoint, saveCheckpoint } from '../train/checkpoint.js';
+
+export interface Medusa1Args {
+  config: TrainConfig;
+  commandLine: string[];
+  resume: boolean;
+  log: (line: string) => void;
+  progress?: { start(total: number, done: number): void; update(done: number, tokens: number): void; stop(): void };
+  shouldStop?: () => boolean;
+}
+
+export interface HeadMetrics {
+  loss: number;
+  /** top-1 .. top-5 accuracy */
+  acc: number[];
+  valid: number;
+}
+
+export interface Medusa1Summary {
+  runDir: string;
+  steps: number;
+  totalSteps: number;
+  stopped: boolean;
+  trainTokens: number;
+  seconds: number;
+  tokensPerSecond: number;
+  finalTrain: { loss: number; heads: HeadMetrics[] } | null;
+  finalEval: { loss: number; heads: HeadMetrics[] } | null;
+  checkpoint: string | null;
+  backend: string;
+}
+
+interface StepStats {
+  ceSum: number[];
+  valid: number[];
+  correct: number[][];
+}
+
+function emptyStats(K: number): StepStats {
+  return { ceSum: new Array<number>(K).fill(0), valid: new Array<number>(K).fill(0), correct: Array.from({ length: K }, () => new Array<number>(TOPK_REPORTED).fill(0)) };
+}
+
+function summarise(st: StepStats, decay: number, coef: number): { loss: number; heads: HeadMetrics[] } {
+  const heads = st.ceSum.map((ce, k) => ({
+    loss: st.valid[k] > 0 ? ce / st.valid[k] : NaN,
+    acc: st.correct[k].map((c) => (st.valid[k] > 0 ? c / st.valid[k] : NaN)),
+    valid: st.valid[k],
+  }));
+  let loss = 0;
+  heads.forEach((h, k) => {
+    if (h.valid > 0) loss += coef * Math.pow(decay, k) * h.loss;
+  });
+  return { loss, heads };
+}
+
+export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
+  const c = a.config;
+  if (c.recipe !== 'medusa1') fail('E_CONFIG', `recipe: ${String(c.recipe)} is not handled by the MEDUSA-1 trainer`);
+  const t0 = performance.now();
+  // --- setup: backend, run folder ---
+  await initBackend(c.model.backend as BackendChoice);
+  const modelDir = c.model.path ?? ensureEmbeddedModel();
+  const runName = c.run.name ?? `medusa1-${path.basename(path.resolve(modelDir))}`;
+  const runDir = path.join(c.run.dir, runName);
+  const hash = configHash(c);
+  const resumeFrom = a.resume ? latestCheckpoint(runDir) : null;
+  if (!a.resume && fs.existsSync(path.join(runDir, 'checkpoints')) && (latestCheckpoint(runDir) !== null)) {
+    fail('E_USAGE', `${runDir} already holds a run with checkpoints. Pass --resume to continue it, or choose another run.name (--set run.name=...).`);
+  }
+  fs.mkdirSync(runDir, { recursive: true });
+  saveResolvedConfig(runDir, c, a.commandLine);
+  a.log(`run: ${runDir}`);
+
+  // --- model, tokenizer, data (everything below is released in the finally, on success or error) ---
+  const cleanup: (() => void)[] = [];
+  try {
+    const { decoder, folder } = loadDecoder(modelDir);
+    cleanup.push(() => disposeWeights(decoder.weights));
+    const tokenizer = await loadTokenizer(modelDir);
+    const data = loadExamples(c.data.train, { maxSeqLen: c.data.max_seq_len });
+    for (const ds of data.datasets) {
+      const wrong: string[] = [];
+      if (ds.meta['base_model_config_sha256'] !== folder.configHash) wrong.push(`base model config sha256 ${ds.meta['base_model_config_sha256']?.slice(0, 12)}… != ${folder.configHash.slice(0, 12)}… (${modelDir})`);
+      if (ds.meta['tokenizer_sha256'] !== tokenizer.hash) wrong.push(`tokenizer sha256 ${ds.meta['tokenizer_sha256']?.slice(0, 12)}… != ${tokenizer.hash.slice(0, 12)}…`);
+      if (wrong.length > 0) {
+        fail('E_CONFIG', `dataset ${ds.dir} was distilled from another model or tokenizer: ${wrong.join('; ')}. Heads must learn the distribution of the model they serve: distill again with --model ${modelDir}, or point model.path at the dataset's base model.`);
+      }
+    }
+    const { train, eval: evalSet } = splitEval(data.examples, { fraction: c.data.eval_fraction, max: c.data.eval_max, seed: c.run.seed });
+    if (train.length === 0) fail('E_CONFIG', `data.train: no training conversations left (${data.examples.length} loaded, ${evalSet.length} held out for eval, ${data.droppedNoLabels} without labels).`);
+    a.log(`data: ${train.length} train + ${evalSet.length} eval conversations (${data.truncated} truncated to ${c.data.max_seq_len} tokens, ${data.droppedNoLabels} dropped without labels)`);
+    const padId = decoder.config.padTokenId ?? tokenizer.padId ?? 0;
+    const K = c.heads.num_heads;
+    const trainLengths = train.map((e) => e.inputIds.length);
+    const batchesPerEpoch = planEpoch(trainLengths, { batchSize: c.data.batch_size, seed: c.run.seed, epoch: 0, shuffle: c.data.shuffle, groupByLength: c.data.group_by_length }).length;
+    const stepsPerEpoch = Math.ceil(batchesPerEpoch / c.train.grad_accum);
+    const totalSteps = c.train.max_steps ?? c.train.epochs * stepsPerEpoch;
+    const warmup = warmupSteps(totalSteps, c.train.warmup_ratio);
+    a.log(`training: ${totalSteps} steps (${stepsPerEpoch} per epoch, batch ${c.data.batch_size} x accumulation ${c.train.grad_accum}), ${K} heads x ${c.heads.num_layers} layer(s), lm_head ${c.heads.lm_head}, backend ${currentBackend().detail}`);
+
+    // --- heads and optimizer (fresh, or from the latest checkpoint) ---
+    const heads: MedusaHeads = initHeads(
+      { numHeads: K, numLayers: c.heads.num_layers, hiddenSize: decoder.config.hiddenSize, vocabSize: decoder.config.vocabSize, lmHead: c.heads.lm_head },
+      decoder.weights.lmHead,
+      c.run.seed,
+    );
+    cleanup.push(() => disposeHeads(heads));
+    const params = trainableParams(heads);
+    const opt = new AdamW(params.map((p) => ({ name: p.name, value: p.value, weightDecay: p.weightDecay ? c.train.weight_decay : 0 })), { betas: c.train.betas as [number, number], eps: c.train.eps });
+    cleanup.push(() => opt.dispose());
+    let step = 0;
+    let epoch = 0;
+    let nextBatch = 0;
+    let trainTokens = 0;
+    if (resumeFrom) {
+      const ck = loadCheckpoint(resumeFrom);
+      if (ck.state['config_hash'] !== hash) {
+        fail('E_CONFIG', `cannot resume ${runDir}: the config's training settings differ from the run's (config hash ${String(ck.state['config_hash']).slice(0, 12)}… vs ${hash.slice(0, 12)}…). Compare with ${path.join(runDir, 'config.yaml')}, or start a new run.name.`);
+      }
+      importHeads(heads, ck.heads, resumeFrom);
+      opt.importState({ step: ck.state['optimizer_step'] as number, tensors: ck.optimizer });
+      step = ck.state['step'] as number;
+      epoch = ck.state['epoch'] as number;
+      nextBatch = ck.state['next_batch'] as number;
+      trainTokens = (ck.state['train_tokens'] as number) ?? 0;
+      truncateMetrics(path.join(runDir, 'metrics.jsonl'), step);
+      a.log(`resumed from ${resumeFrom} at step ${step}`);
+    } else {
+      fs.rmSync(path.join(runDir, 'metrics.jsonl'), { force: true });
+    }
+
+    // --- hidden-state cache (filled once, before training) ---
+    let cache: HiddenCache | null = null;
+    const all: TrainExample[] = [...train, ...evalSet];
+    if (c.train.cache_hidden_states !== 'none') {
+      const lengths = all.map((e) => e.inputIds.length);
+      const bytes = hiddenCacheBytes(lengths, decoder.config.hiddenSize, c.train.cache_dtype);
+      const where = c.train.cache_hidden_states === 'disk' ? path.join(runDir, 'cache') : 'memory';
+      a.log(`hidden-state cache: ${(bytes / 1024 ** 2).toFixed(1)} MiB (${c.train.cache_dtype}) in ${where}`);
+      if (c.train.cache_hidden_states === 'memory' && bytes > os.totalmem() * 0.6) {
+        fail('E_CONFIG', `train.cache_hidden_states: memory needs ${(bytes / 1024 ** 3).toFixed(1)} GiB, over 60% of this machine's RAM; use disk, f16, or none.`);
+      }
+      const fingerprint = createHash('sha256').update(JSON.stringify({ model: folder.configHash, data: data.datasets.map((d) => d.shardSha256), keys: all.map((e) => e.key), max: c.data.max_seq_len, seed: c.run.seed, split: [c.data.eval_fraction, c.data.eval_max] })).digest('hex');
+      cleanup.push(() => cache?.close());
+      cache = openHiddenCache({ kind: c.train.cache_hidden_states, dtype: c.train.cache_dtype, hiddenSize: decoder.config.hiddenSize, lengths, dir: where === 'memory' ? undefined : where, fingerprint });
+      if (!cache.complete) {
+        const order = lengths.map((_, i) => i).sort((x, y) => lengths[x] - lengths[y] || x - y);
+        for (let s = 0; s < order.length; s += c.data.batch_size) {
+          const idx = order.slice(s, s + c.data.batch_size);
+          const pb = padBatch(all, idx, padId);
+          const hidden = backboneHidden(decoder, pb); // [B*T, d]
+          const hd = hidden.dataSync() as Float32Array;
+          hidden.dispose();
+          const d = decoder.config.hiddenSize;
+          idx.forEach((ex, b) => cache!.put(ex, hd.slice(b * pb.T * d, (b * pb.T + lengths[ex]) * d)));
+        }
+        cache.finalize();
+        a.log(`hidden-state cache filled (${all.length} conversations)`);
+      }
+    }
+    /** Hidden states for a padded batch of `all`-indexes: [B*T, d]. */
+    const hiddenFor = (pb: PaddedBatch, allIdx: number[]): tf.Tensor2D => {
+      if (!cache) return backboneHidden(decoder, pb);
+      const d = decoder.config.hiddenSize;
+      const buf = new Float32Array(pb.B * pb.T * d);
+      allIdx.forEach((ex, b) => buf.set(cache!.get(ex), b * pb.T * d));
+      return tf.tensor2d(buf, [pb.B * pb.T, d]);
+    };
+
+    // --- evaluation over the held-out split ---
+    const evaluate = (): { loss: number; heads: HeadMetrics[] } | null => {
+      if (evalSet.length === 0) return null;
+      const st = emptyStats(K);
+      for (let s = 0; s < evalSet.length; s += c.data.batch_size) {
+        const idx = Array.from({ length: Math.min(c.data.batch_size, evalSet.length - s) }, (_, i) => s + i);
+        const pb = padBatch(evalSet, idx, padId);
+        const hidden = hiddenFor(pb, idx.map((i) => train.length + i));
+        const r = headsLoss({ heads, hidden, ids: pb.ids, lossMask: pb.lossMask, lengths: pb.lengths, T: pb.T, decay: c.loss.decay, headsCoefficient: c.loss.heads_coefficient, norm: new Array<number>(K).fill(1), chunkRows: c.loss.chunk_rows, computeGrads: false });
+        hidden.dispose();
+        addStats(st, r);
+      }
+      return summarise(st, c.loss.decay, c.loss.heads_coefficient);
+    };
+
+    // --- run ---
+    const metricsFile = path.join(runDir, 'metrics.jsonl');
+    const writeMetrics = (obj: Record<string, unknown>): void => fs.appendFileSync(metricsFile, `${JSON.stringify(obj)}\n`);
+    let plan = planEpoch(trainLengths, { batchSize: c.data.batch_size, seed: c.run.seed, epoch, shuffle: c.data.shuffle, groupByLength: c.data.group_by_length });
+    let lastCheckpoint: string | null = resumeFrom;
+    let finalTrain: { loss: number; heads: HeadMetrics[] } | null = null;
+    let finalEval: { loss: number; heads: HeadMetrics[] } | null = null;
+    let stopped = false;
+    const loopStart = performance.now();
+    const tokensAtStart = trainTokens;
+    const checkpoint = (): void => {
+      lastCheckpoint = saveCheckpoint(runDir, {
+        step,
+        heads: exportHeads(heads),
+        optimizer: opt.exportState().tensors,
+        state: { step, epoch, next_batch: nextBatch, optimizer_step: opt.stepCount, config_hash: hash, train_tokens: trainTokens, base_model_config_sha256: folder.configHash, heads_shape: heads.shape, created: new Date().toISOString() },
+      }, { keep: c.checkpoint.keep });
+    };
+    a.progress?.start(totalSteps, step);
+    try {
+      while (step < totalSteps) {
+        // the micro-batches of this optimizer step
+        const micro: number[][] = [];
+        while (micro.length < c.train.grad_accum) {
+          if (nextBatch >= plan.length) {
+            if (micro.length > 0) break; // an epoch's last, shorter accumulation
+            epoch++;
+            nextBatch = 0;
+            plan = planEpoch(trainLengths, { batchSize: c.data.batch_size, seed: c.run.seed, epoch, shuffle: c.data.shuffle, groupByLength: c.data.group_by_length });
+          }
+          micro.push(plan[nextBatch++]);
+        }
+        const padded = micro.map((idx) => padBatch(train, idx, padId));
+        const norm = new Array<number>(K).fill(0);
+        for (const pb of padded) countValid(pb, K).forEach((n, k) => (norm[k] += n));
+        const st = emptyStats(K);
+        let grads: Map<string, tf.Tensor> | null = null;
+        for (let m = 0; m < padded.length; m++) {
+          const pb = padded[m];
+          const hidden = hiddenFor(pb, micro[m]);
+          const r = headsLoss({ heads, hidden, ids: pb.ids, lossMask: pb.lossMask, lengths: pb.lengths, T: pb.T, decay: c.loss.decay, headsCoefficient: c.loss.heads_coefficient, norm, chunkRows: c.loss.chunk_rows, computeGrads: true });
+          hidden.dispose();
+          addStats(st, r);
+          grads = accumulate(grads, r.grads!);
+          trainTokens += pb.lengths.reduce((x, y) => x + y, 0);
+        }
+        const metrics = summarise(st, c.loss.decay, c.loss.heads_coefficient);
+        if (!Number.isFinite(metrics.loss)) {
+          disposeGrads(grads);
+          fail('E_TRAIN', `the loss became ${metrics.loss} at step ${step + 1}. The run stopped; its last good checkpoint is ${lastCheckpoint ?? '(none yet)'}. Lower train.lr, set train.max_grad_norm, or check the data.`);
+        }
+        // parameters a step's data did not reach (a head with no valid position) get zero gradients
+        for (const p of params) if (!grads!.has(p.name)) grads!.set(p.name, tf.zerosLike(p.value));
+        const clip = c.train.max_grad_norm === null ? { norm: globalNorm(grads!), grads: grads! } : clipGradNorm(grads!, c.train.max_grad_norm);
+        if (clip.grads !== grads) disposeGrads(grads);
+        const lr = lrAt(step, { lr: c.train.lr, kind: c.train.schedule, warmupSteps: warmup, totalSteps });
+        opt.step(clip.grads, lr);
+        disposeGrads(clip.grads);
+        step++;
+        finalTrain = metrics;
+        const secs = (performance.now() - loopStart) / 1000;
+        if (step % c.log.every === 0 || step === totalSteps) {
+          writeMetrics({ type: 'train', step, epoch, loss: metrics.loss, heads: metrics.heads, lr, grad_norm: clip.norm, tokens: trainTokens, tokens_per_s: (trainTokens - tokensAtStart) / Math.max(secs, 1e-9) });
+        }
+        if (step % c.eval.every === 0 || step === totalSteps) {
+          finalEval = evaluate();
+          if (finalEval) writeMetrics({ type: 'eval', step, loss: finalEval.loss, heads: finalEval.heads });
+        }
+        const stopNow = a.shouldStop?.() ?? false;
+        if (step % c.checkpoint.every === 0 || step === totalSteps || stopNow) checkpoint();
+        a.progress?.update(step, trainTokens - tokensAtStart);
+        if (stopNow) {
+          stopped = true;
+          break;
+        }
+      }
+    } finally {
+      a.progress?.stop();
+    }
+    if (!finalEval && !stopped) finalEval = evaluate(); // e.g. resuming a run that had already finished
+    const seconds = (performance.now() - t0) / 1000;
+    const summary: Medusa1Summary = {
+      runDir, steps: step, totalSteps, stopped, trainTokens, seconds,
+      tokensPerSecond: (trainTokens - tokensAtStart) / Math.max((performance.now() - loopStart) / 1000, 1e-9),
+      finalTrain, finalEval, checkpoint: lastCheckpoint, backend: currentBackend().detail,
+    };
+    fs.writeFileSync(path.join(runDir, 'summary.json'), `${JSON.stringify(summary, null, 2)}\n`);
+    return summary;
+  } finally {
+    for (const f of cleanup.reverse()) f();
+  }
+}
+
+/** Final hidden states of a padded batch from the frozen backbone: [B*T, d]. */
+function backboneHidden(decoder: Decoder, pb: PaddedBatch): tf.Tensor2D {
+  const { hidden } = decoderForward(decoder, { ids: pb.ids, batch: pb.B, seqLen: pb.T, mask: pb.attention, logits: 'none' });
+  const flat = tf.reshape(hidden, [pb.B * pb.T, decoder.config.hiddenSize]) as tf.Tensor2D; // [B*T, d]
+  hidden.dispose();
+  return flat;
+}
+
+function addStats(st: StepStats, r: { ceSum: number[]; valid: number[]; correct: number[][] }): void {
+  r.ceSum.forEach((v, k) => (st.ceSum[k] += v));
+  r.valid.forEach((v, k) => (st.valid[k] += v));
+  r.correct.forEach((row, k) => row.forEach((v, j) => (st.correct[k][j] += v)));
+}
+
+function accumulate(acc: Map<string, tf.Tensor> | null, g: Map<string, tf.Tensor>): Map<string, tf.Tensor> {
+  if (!acc) return g;
+  for (const [name, t] of g) {
+    const prev = acc.get(name);
+    if (!prev) acc.set(name, t);
+    else {
+      acc.set(name, tf.add(prev, t));
+      prev.dispose();
+      t.dispose();
+    }
+  }
+  return acc;
+}
+
+function disposeGrads(g: Map<string, tf.Tensor> | null): void {
+  if (g) for (const t of g.values()) t.dispose();
+}
+
+function globalNorm(g: Map<string, tf.Tensor>): number {
+  let s = 0;
+  for (const t of g.values()) s += tf.tidy(() => tf.sum(tf.square(t))).dataSync()[0];
+  return Math.sqrt(s);
+}
+
+/** Drop metrics lines written after `step` (they belong to steps a resumed run repeats). */
+function truncateMetrics(file: string, step: number): void {
+  if (!fs.existsSync(file)) return;
+  const keep = fs.readFileSync(file, 'utf8').split('\n').filter((l) => {
+    if (!l.trim()) return false;
+    try {
+      return (JSON.parse(l) as { step: number }).step <= step;
+    } catch {
+      return false;
+    }
+  });
+  fs.writeFileSync(file, keep.length > 0 ? `${keep.join('\n')}\n` : '');
+}
+
+export function formatMedusa1Summary(s: Medusa1Summary): string {
+  const lines = [`${s.stopped ? 'stopped (rerun with --resume to continue)' : 'done'}: ${s.runDir}, step ${s.steps}/${s.totalSteps}, ${s.trainTokens} tokens, ${s.tokensPerSecond.toFixed(0)} tok/s on ${s.backend}`];
+  const show = (label: string, m: { loss: number; heads: HeadMetrics[] } | null): void => {
+    if (!m) return;
+    lines.push(`${label} loss ${m.loss.toFixed(4)}`);
+    m.heads.forEach((h, k) => lines.push(`  head ${k}: loss ${h.loss.toFixed(4)}  top-1 ${(100 * h.acc[0]).toFixed(1)}%  top-5 ${(100 * h.acc[4]).toFixed(1)}%  (${h.valid} positions)`));
+  };
+  show('train (last step)', s.finalTrain);
+  show('eval', s.finalEval);
+  if (s.checkpoint) lines.push(`checkpoint: ${s.checkpoint}`);
+  return lines.join('\n');
+}
