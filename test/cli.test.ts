@@ -166,3 +166,25 @@ describe('malformed inputs get named errors', () => {
     expectCleanError(r, 'E_USAGE', 'max_position_embeddings');
   });
 });
+
+describe('train and demo through the CLI', () => {
+  test('a config with several problems gets one error listing each with its path', async () => {
+    const file = path.join(tmp, 'bad.yaml');
+    fs.writeFileSync(file, 'recipe: medusa1\ntrain:\n  lr: -1\n  shedule: cosine\nheads:\n  num_heads: many\n');
+    const r = await run('train', '--config', file, '--set', 'data.batch_size=0');
+    expectCleanError(r, 'E_CONFIG', 'train.lr', 'train.shedule', 'schedule', 'heads.num_heads', 'data.batch_size', 'data.train');
+  });
+
+  test('demo runs the embedded pipeline and prints per-head accuracies; a rerun resumes both stages', async () => {
+    const out = path.join(tmp, 'demo');
+    const r = await run('demo', '--out', out, '--no-progress');
+    expect(r.code).toBe(0);
+    expect(r.out).toMatch(/accounting: 32 written \+ 0 failed \+ 0 skipped = 32 of 32 input/);
+    expect(r.out).toMatch(/head 0: loss [\d.]+ {2}top-1 [\d.]+%/);
+    expect(r.out).toMatch(/head 2: loss/);
+    const again = await run('demo', '--out', out, '--no-progress');
+    expect(again.code).toBe(0);
+    expect(again.out).toContain('generated 0 tokens this run');
+    expect(again.err).toMatch(/resumed from .*step-\d+/);
+  }, 120_000);
+});
