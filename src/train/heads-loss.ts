@@ -111,7 +111,7 @@ export function headsLoss(a: HeadsLossArgs): HeadsLossResult {
         const rank = tf.sum(tf.cast(tf.greater(logits, labelLogit), 'int32'), 1); // [R]
         if (!a.computeGrads) return { ce, rank };
         const dlogits = tf.mul(tf.sub(tf.exp(tf.sub(logits, lse)), onehot), weight); // [R, V]
-        const dW2c = tf.matMul(tf.transpose(hc), dlogits); // [d, V]
+        const dW2c = heads.proj[k] ? tf.matMul(tf.transpose(hc), dlogits) : null; // [d, V]; the shared lm_head is frozen
         const dhc = tf.matMul(dlogits, w2T!); // [R, d]
         return { ce, rank, dW2c, dhc };
       });
@@ -120,7 +120,7 @@ export function headsLoss(a: HeadsLossArgs): HeadsLossResult {
       for (let i = 0; i < R; i++) for (let j = 0; j < TOPK_REPORTED; j++) if (ranks[i] < j + 1) correct[k][j]++;
       out.ce.dispose();
       out.rank.dispose();
-      if (out.dW2c && out.dhc) {
+      if (out.dW2c) {
         if (dW2 === null) dW2 = out.dW2c as tf.Tensor2D;
         else {
           const next: tf.Tensor2D = tf.add(dW2, out.dW2c);
@@ -128,8 +128,8 @@ export function headsLoss(a: HeadsLossArgs): HeadsLossResult {
           out.dW2c.dispose();
           dW2 = next;
         }
-        dhChunks.push(out.dhc as tf.Tensor2D);
       }
+      if (out.dhc) dhChunks.push(out.dhc as tf.Tensor2D);
     }
     w2T?.dispose();
     if (grads) {
