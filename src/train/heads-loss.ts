@@ -111,8 +111,9 @@ export function headsLoss(a: HeadsLossArgs): HeadsLossResult {
         const rank = tf.sum(tf.cast(tf.greater(logits, labelLogit), 'int32'), 1); // [R]
         if (!a.computeGrads) return { ce, rank };
         const dlogits = tf.mul(tf.sub(tf.exp(tf.sub(logits, lse)), onehot), weight); // [R, V]
-        const dW2c = heads.proj[k] ? tf.matMul(tf.transpose(hc), dlogits) : null; // [d, V]; the shared lm_head is frozen
         const dhc = tf.matMul(dlogits, w2T!); // [R, d]
+        if (!heads.proj[k]) return { ce, rank, dhc }; // the shared lm_head is frozen: no W2 gradient
+        const dW2c = tf.matMul(tf.transpose(hc), dlogits); // [d, V]
         return { ce, rank, dW2c, dhc };
       });
       ceSum[k] += out.ce.dataSync()[0];
