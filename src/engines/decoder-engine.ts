@@ -1,0 +1,154 @@
+/**
+ * The engine boundary for the frozen backbone's forward (self-distillation generation, hidden states
+ * for training, later Medusa tree verification).
+ *
+ * A `Backbone` runs the decoder on host arrays and returns host arrays, with the semantics of
+ * `decoderForward` (src/model/decoder.ts, the reference): positions from the attention mask (position =
+ * number of real tokens before it), padding keys masked, causal, Mistral's sliding window by position
+ * distance, the cache extended in place, a left-padded row equal to the row alone.
+ *
+ * Two engines:
+ * - `tfjs`: `decoderForward` on the current TensorFlow.js backend, outputs read back with dataSync.
+ * - `onnx`: one ONNX graph per model run by onnxruntime-node (native, multi-threaded MLAS kernels);
+ *   see src/engines/onnx-decoder.ts. Loaded lazily, so tfjs-only runs never load onnxruntime.
+ *
+ * A cache belongs to the backbone that made it (`newCache`) and cannot be passed to another one.
+ */
+import { fail } from '../errors.js';
+import type { DecoderConfig } from '../model/config.js';
+import { decoderForward, disposeCache, emptyCache, type Decoder, type KVCache } from '../model/decoder.js';
+
+export type DecoderEngineKind = 'tfjs' | 'onnx';
+export const DECODER_ENGINE_KINDS: readonly DecoderEngineKind[] = ['tfjs', 'onnx'];
+
+/** Keys/values of everything a backbone processed for a batch. Opaque: its layout belongs to the engine. */
+export interface BackboneCache {
+  readonly batch: number;
+  /** Cached entries per row (padding entries included). */
+  readonly length: number;
+  /** Free the cache's memory (idempotent); the cache cannot be used afterwards. */
+  dispose(): void;
+}
+
+export interface BackboneForwardArgs {
+  /** Token ids, row-major [batch, seqLen]. */
+  ids: ArrayLike<number>;
+  batch: number;
+  seqLen: number;
+  /** 1 = real token, 0 = padding, row-major [batch, seqLen]; default all real. Padding on the left of a block's real tokens. */
+  mask?: ArrayLike<number>;
+  /** When given, the new tokens attend to the cache, and the cache is extended in place. */
+  cache?: BackboneCache;
+  /** Which logits to compute: every position, the last position of each row, or none. */
+  logits: 'all' | 'last' | 'none';
+}
+
+export interface BackboneForwardResult {
+  /** Final hidden states after the final norm, [batch, seqLen, d] row-major. */
+  hidden: Float32Array;
+  /** [batch, seqLen, V] ('all'), [batch, 1, V] ('last'), or null ('none'). */
+  logits: Float32Array | null;
+}
+
+export interface Backbone {
+  readonly kind: DecoderEngineKind;
+  readonly config: DecoderConfig;
+  /** An empty cache for `batch` rows. */
+  newCache(batch: number): BackboneCache;
+  forward(a: BackboneForwardArgs): Promise<BackboneForwardResult>;
+  /** Free the engine's resources (the onnx session). Does not dispose the Decoder it was made from. */
+  dispose(): void;
+}
+
+// ---------------------------------------------------------------------------------------------
+// tfjs
+
+class TfjsCache implements BackboneCache {
+  disposed = false;
+  constructor(readonly owner: TfjsBackbone, readonly kv: KVCache) {}
+  get batch(): number {
+    return this.kv.batch;
+  }
+  get length(): number {
+    return this.kv.length;
+  }
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    disposeCache(this.kv);
+  }
+}
+
+class TfjsBackbone implements Backbone {
+  readonly kind = 'tfjs' as const;
+  readonly config: DecoderConfig;
+  constructor(readonly decoder: Decoder) {
+    this.config = decoder.config;
+  }
+
+  newCache(batch: number): BackboneCache {
+    checkBatch(batch);
+    return new TfjsCache(this, emptyCache(batch));
+  }
+
+  async forward(a: BackboneForwardArgs): Promise<BackboneForwardResult> {
+    let kv: KVCache | undefined;
+    if (a.cache !== undefined) {
+      if (!(a.cache instanceof TfjsCache) || a.cache.owner !== this) fail('E_INTERNAL', 'the cache passed to the tfjs backbone was not made by it (use backbone.newCache)');
+      if (a.cache.disposed) fail('E_INTERNAL', 'the cache passed to the tfjs backbone was disposed');
+      kv = a.cache.kv;
+    }
+    const { hidden, logits } = decoderForward(this.decoder, { ids: a.ids, batch: a.batch, seqLen: a.seqLen, mask: a.mask, cache: kv, logits: a.logits });
+    try {
+      // dataSync gives a host copy on wasm; on cpu the backing array, which disposal does not touch.
+      return { hidden: hidden.dataSync() as Float32Array, logits: logits ? (logits.dataSync() as Float32Array) : null };
+    } finally {
+      hidden.dispose();
+      logits?.dispose();
+    }
+  }
+
+  dispose(): void {
+    // The Decoder (and its weights) belongs to the caller.
+  }
+}
+
+/** The reference engine: `decoderForward` on the current TensorFlow.js backend. */
+export function tfjsBackbone(decoder: Decoder): Backbone {
+  return new TfjsBackbone(decoder);
+}
+
+// ---------------------------------------------------------------------------------------------
+// onnx
+
+export interface OnnxBackboneOptions {
+  /** onnxruntime intra-op threads; default os.cpus().length. */
+  threads?: number;
+}
+
+/**
+ * The native engine: one ONNX graph of the whole decoder (weights as initializers) in one
+ * onnxruntime-node InferenceSession, reused for every forward.
+ *
+ * Weights are read from the decoder's tfjs tensors, so they live twice while both exist: in the tfjs
+ * backend (owned by the caller, who may dispose them once only the onnx engine is needed) and in
+ * onnxruntime (float32, about 1x the weights, tied embeddings counted once). While the session is
+ * built, peak host memory is about 2x the weights more (initializer bytes + the serialized model),
+ * released afterwards. Models whose float32 weights exceed one protobuf (2 GiB) are refused
+ * (E_UNSUPPORTED) before anything is read.
+ */
+export async function onnxBackbone(decoder: Decoder, o: OnnxBackboneOptions = {}): Promise<Backbone> {
+  const m = await import('./onnx-decoder.js');
+  return m.createOnnxBackbone(decoder, o);
+}
+
+/** The backbone of an engine kind. */
+export async function makeBackbone(kind: DecoderEngineKind, decoder: Decoder, o: OnnxBackboneOptions = {}): Promise<Backbone> {
+  if (kind === 'tfjs') return tfjsBackbone(decoder);
+  if (kind === 'onnx') return onnxBackbone(decoder, o);
+  fail('E_USAGE', `Unknown decoder engine '${String(kind)}'. Use one of: ${DECODER_ENGINE_KINDS.join(', ')}.`);
+}
+
+export function checkBatch(batch: number): void {
+  if (!Number.isInteger(batch) || batch < 1) fail('E_INTERNAL', `cache batch must be a positive integer, got ${batch}`);
+}

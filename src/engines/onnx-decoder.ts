@@ -1,0 +1,369 @@
+/**
+ * The decoder as ONE ONNX graph, run by onnxruntime-node: the native engine behind `onnxBackbone`.
+ *
+ * Graph (opset 17, float32, weights as initializers in the internal [in, out] layout, so no MatMul
+ * needs a transposed weight):
+ *
+ *   inputs   input_ids [B,T] int64, cos/sin [B,T,hd], attn_bias [B,1,nRep*T,L] (L = S+T),
+ *            logit_index [K] int64, past_key_i / past_value_i [B,nKV,S,hd] (S may be 0)
+ *   outputs  hidden [B,T,d], logits [B,K,V], present_key_i / present_value_i [B,nKV,L,hd]
+ *
+ * - Host-side bookkeeping (positions from the mask, the additive bias with causal / padding / sliding
+ *   window terms, the RoPE cos/sin tables) is computed in JS exactly as decoderForward computes it, so
+ *   masks and RoPE numerics match the reference.
+ * - Attention is grouped as in decoder.ts: the nRep query heads of a KV group are stacked as rows
+ *   (q [B,nKV,nRep*T,hd]), so GQA needs no repeated K/V and a decode step is one [nRep, hd] x [hd, L]
+ *   product per group; the bias row r*T+i is query i for every head of the group.
+ * - The cache is the graph's present_* outputs fed back as past_* inputs (Concat along the sequence);
+ *   an empty cache is a zero-size [B,nKV,0,hd] input, which onnxruntime accepts, so one graph serves
+ *   the full forward and cached decoding.
+ * - Which logits: `logit_index` lists the positions whose logits are computed (Gather on hidden before
+ *   the vocabulary projection): 0..T-1 for 'all', [T-1] for 'last', empty for 'none' (zero-size).
+ * - RMSNorm is Pow/ReduceMean/Add/Sqrt/Div/Mul (the pattern onnxruntime fuses into
+ *   SimplifiedLayerNormalization); SwiGLU is Mul(Mul(g, Sigmoid(g)), u).
+ * - Tied embeddings: the lm_head is MatMul(hidden, Transpose(embed)), so the serialized model holds
+ *   the embedding once (onnxruntime folds the transpose at load).
+ * - Weights live inside the protobuf, which cannot exceed 2 GiB. Larger models would need ONNX
+ *   external data (weights in a side file); not implemented: refused with E_UNSUPPORTED.
+ */
+import * as os from 'node:os';
+import * as ort from 'onnxruntime-node';
+import type * as tf from '@tensorflow/tfjs';
+import { describe, fail } from '../errors.js';
+import { GraphBuilder } from '../io/onnx.js';
+import { parameterCount, type DecoderConfig } from '../model/config.js';
+import type { Decoder } from '../model/decoder.js';
+import type { Backbone, BackboneCache, BackboneForwardArgs, BackboneForwardResult, OnnxBackboneOptions } from './decoder-engine.js';
+
+/** A ModelProto is one protobuf message: at most 2 GiB. */
+export const PROTOBUF_LIMIT_BYTES = 2 ** 31 - 1;
+/** Room kept for the graph's nodes, names and small constants. */
+const GRAPH_OVERHEAD_BYTES = 16 * 1024 * 1024;
+const MASKED = -1e9;
+
+/** Bytes of the float32 initializers of a model's graph (tied embeddings stored once). */
+export function onnxWeightBytes(c: DecoderConfig): number {
+  return 4 * parameterCount(c);
+}
+
+/** Refuse (E_UNSUPPORTED) a model whose weights do not fit one protobuf. */
+export function checkOnnxModelSize(c: DecoderConfig): void {
+  const bytes = onnxWeightBytes(c);
+  if (bytes + GRAPH_OVERHEAD_BYTES > PROTOBUF_LIMIT_BYTES) {
+    const gib = (x: number): string => (x / 1024 ** 3).toFixed(2);
+    fail('E_UNSUPPORTED', `The onnx engine keeps the model's weights inside one ONNX protobuf, which is limited to 2 GiB; ` +
+      `this model (${c.architecture}, ${parameterCount(c).toLocaleString('en-US')} parameters) needs ${gib(bytes)} GiB in float32. ` +
+      'Weights in ONNX external data (a side file) are not implemented yet; use the tfjs engine for this model.');
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host-side inputs (the same arithmetic as decoderForward)
+
+export interface CacheBook {
+  /** Per row: the position id of each cached entry, -1 for padding. */
+  keyPos: number[][];
+  /** Per row: the position id the next real token gets. */
+  nextPos: number[];
+  length: number;
+}
+
+export interface HostInputs {
+  /** [B, T]: position of each token (padding: 1). */
+  positions: Int32Array;
+  /** Per row: the new entries' key positions (-1 for padding). */
+  newKeyPos: number[][];
+  /** [B, 1, nRep*T, L] additive bias, row r*T+i = query i. */
+  bias: Float32Array;
+  /** [B, T, hd] */
+  cos: Float32Array;
+  sin: Float32Array;
+}
+
+/** Positions, the grouped attention bias and the RoPE tables, exactly as decoderForward builds them. */
+export function hostInputs(c: DecoderConfig, invFreq: Float32Array, book: CacheBook, B: number, T: number, mask: ArrayLike<number> | undefined): HostInputs {
+  const nRep = c.numHeads / c.numKvHeads;
+  const hd = c.headDim;
+  const S = book.length;
+  const L = S + T;
+  const positions = new Int32Array(B * T);
+  const newKeyPos: number[][] = [];
+  for (let b = 0; b < B; b++) {
+    let p = book.nextPos[b];
+    const rowPos: number[] = [];
+    for (let t = 0; t < T; t++) {
+      const real = mask ? mask[b * T + t] !== 0 : true;
+      positions[b * T + t] = real ? p : 1; // padding gets position 1, as transformers does; it is masked anyway
+      rowPos.push(real ? p : -1);
+      if (real) p++;
+    }
+    newKeyPos.push(rowPos);
+  }
+  const bias = new Float32Array(B * nRep * T * L);
+  const window = c.slidingWindow;
+  for (let b = 0; b < B; b++) {
+    const keyPos = book.keyPos[b].concat(newKeyPos[b]); // [L]
+    for (let i = 0; i < T; i++) {
+      const qIndex = S + i;
+      const qPos = newKeyPos[b][i];
+      const row = (b * nRep * T + i) * L;
+      for (let j = 0; j < L; j++) {
+        const kp = keyPos[j];
+        const ok = kp >= 0 && j <= qIndex && (qPos < 0 || (kp <= qPos && (window === null || qPos - kp < window)));
+        bias[row + j] = ok ? 0 : MASKED;
+      }
+      for (let r = 1; r < nRep; r++) bias.copyWithin(row + r * T * L, row, row + L);
+    }
+  }
+  const half = hd / 2;
+  const cos = new Float32Array(B * T * hd);
+  const sin = new Float32Array(B * T * hd);
+  for (let n = 0; n < B * T; n++) {
+    const pos = positions[n];
+    for (let i = 0; i < half; i++) {
+      const f = Math.fround(pos * invFreq[i]);
+      const cv = Math.fround(Math.cos(f));
+      const sv = Math.fround(Math.sin(f));
+      cos[n * hd + i] = cv;
+      cos[n * hd + half + i] = cv;
+      sin[n * hd + i] = sv;
+      sin[n * hd + half + i] = sv;
+    }
+  }
+  return { positions, newKeyPos, bias, cos, sin };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The graph
+
+/** Float32 weights in the internal layout, as host arrays (read from the decoder's tensors). */
+async function hostData(t: tf.Tensor): Promise<Float32Array> {
+  const d = await t.data();
+  if (!(d instanceof Float32Array)) fail('E_INTERNAL', `weight tensor of dtype ${t.dtype}; expected float32`);
+  return d;
+}
+
+/** Build the serialized ModelProto of the decoder. Weights are read one tensor at a time. */
+export async function buildDecoderGraph(model: Decoder): Promise<Uint8Array> {
+  const c = model.config;
+  checkOnnxModelSize(c);
+  const w = model.weights;
+  const d = c.hiddenSize;
+  const nH = c.numHeads;
+  const nKV = c.numKvHeads;
+  const hd = c.headDim;
+  const q = nH * hd;
+  const kv = nKV * hd;
+  const ff = c.intermediateSize;
+  const V = c.vocabSize;
+  const g = new GraphBuilder(`medusa-train-${c.architecture}`);
+  const weight = async (name: string, t: tf.Tensor): Promise<string> => g.initializer(name, 'float32', t.shape, await hostData(t));
+  const i64 = (vals: number[], prefix = 'shape'): string => g.constant('int64', [vals.length], vals, prefix);
+  const f32 = (v: number, prefix = 'scalar'): string => g.constant('float32', [], [v], prefix);
+
+  const eps = f32(c.rmsNormEps, 'eps');
+  const two = f32(2, 'two');
+  const rmsNorm = (x: string, wName: string): string => {
+    const ms = g.op('ReduceMean', [g.op('Pow', [x, two])], { axes: [-1], keepdims: 1 });
+    return g.op('Mul', [g.op('Div', [x, g.op('Sqrt', [g.op('Add', [ms, eps])])]), wName]);
+  };
+  const slice = (x: string, start: number, end: number, axis: number): string =>
+    g.op('Slice', [x, i64([start], 'start'), i64([end], 'end'), i64([axis], 'axis')]);
+
+  const ids = g.input('input_ids', 'int64', ['batch', 'seq']);
+  const cosIn = g.input('cos', 'float32', ['batch', 'seq', hd]);
+  const sinIn = g.input('sin', 'float32', ['batch', 'seq', hd]);
+  const bias = g.input('attn_bias', 'float32', ['batch', 1, 'rep_seq', 'total']);
+  const logitIndex = g.input('logit_index', 'int64', ['n_logits']);
+  const cos = g.op('Unsqueeze', [cosIn, i64([2], 'axes')]); // [B, T, 1, hd]
+  const sin = g.op('Unsqueeze', [sinIn, i64([2], 'axes')]); // [B, T, 1, hd]
+  const half = hd / 2;
+  const rope = (x: string): string => {
+    const x1 = slice(x, 0, half, 3);
+    const x2 = slice(x, half, hd, 3);
+    const rot = g.op('Concat', [g.op('Neg', [x2]), x1], { axis: 3 }); // [B, T, H, hd]
+    return g.op('Add', [g.op('Mul', [x, cos]), g.op('Mul', [rot, sin])]);
+  };
+  const scale = f32(1 / Math.sqrt(hd), 'scale');
+
+  const embed = await weight('embed', w.embed); // [V, d]
+  let x = g.op('Gather', [embed, ids], { axis: 0 }); // [B, T, d]
+  for (let li = 0; li < c.numLayers; li++) {
+    const lw = w.layers[li];
+    const p = `l${li}_`;
+    const pastK = g.input(`past_key_${li}`, 'float32', ['batch', nKV, 'past', hd]);
+    const pastV = g.input(`past_value_${li}`, 'float32', ['batch', nKV, 'past', hd]);
+    // --- attention block ---
+    const xn = rmsNorm(x, await weight(`${p}attn_norm`, lw.attnNorm)); // [B, T, d]
+    let qkv = g.op('MatMul', [xn, await weight(`${p}wqkv`, lw.wqkv)]); // [B, T, q+2kv]
+    if (lw.bqkv) qkv = g.op('Add', [qkv, await weight(`${p}bqkv`, lw.bqkv)]);
+    let qh = g.op('Reshape', [slice(qkv, 0, q, 2), i64([0, 0, nH, hd])]); // [B, T, nH, hd]
+    let kh = g.op('Reshape', [slice(qkv, q, q + kv, 2), i64([0, 0, nKV, hd])]); // [B, T, nKV, hd]
+    const vh = g.op('Reshape', [slice(qkv, q + kv, q + 2 * kv, 2), i64([0, 0, nKV, hd])]); // [B, T, nKV, hd]
+    if (lw.qNorm && lw.kNorm) {
+      qh = rmsNorm(qh, await weight(`${p}q_norm`, lw.qNorm));
+      kh = rmsNorm(kh, await weight(`${p}k_norm`, lw.kNorm));
+    }
+    qh = rope(qh);
+    kh = rope(kh);
+    const qG = g.op('Reshape', [g.op('Transpose', [qh], { perm: [0, 2, 1, 3] }), i64([0, nKV, -1, hd])]); // [B, nKV, nRep*T, hd]
+    const kT = g.op('Transpose', [kh], { perm: [0, 2, 1, 3] }); // [B, nKV, T, hd]
+    const vT = g.op('Transpose', [vh], { perm: [0, 2, 1, 3] }); // [B, nKV, T, hd]
+    const presentK = g.node('Concat', [pastK, kT], { outputs: [`present_key_${li}`], attrs: { axis: 2 } })[0]; // [B, nKV, L, hd]
+    const presentV = g.node('Concat', [pastV, vT], { outputs: [`present_value_${li}`], attrs: { axis: 2 } })[0]; // [B, nKV, L, hd]
+    g.output(presentK, 'float32', ['batch', nKV, 'total', hd]);
+    g.output(presentV, 'float32', ['batch', nKV, 'total', hd]);
+    const scores = g.op('Add', [g.op('Mul', [g.op('MatMul', [qG, g.op('Transpose', [presentK], { perm: [0, 1, 3, 2] })]), scale]), bias]); // [B, nKV, nRep*T, L]
+    const probs = g.op('Softmax', [scores], { axis: -1 });
+    const attn = g.op('MatMul', [probs, presentV]); // [B, nKV, nRep*T, hd]
+    const merged = g.op('Reshape', [g.op('Transpose', [g.op('Reshape', [attn, i64([0, nH, -1, hd])])], { perm: [0, 2, 1, 3] }), i64([0, 0, q])]); // [B, T, q]
+    let o = g.op('MatMul', [merged, await weight(`${p}wo`, lw.wo)]); // [B, T, d]
+    if (lw.bo) o = g.op('Add', [o, await weight(`${p}bo`, lw.bo)]);
+    const h = g.op('Add', [x, o]);
+    // --- MLP block (SwiGLU) ---
+    const hn = rmsNorm(h, await weight(`${p}mlp_norm`, lw.mlpNorm));
+    const gu = g.op('MatMul', [hn, await weight(`${p}wgu`, lw.wgu)]); // [B, T, 2ff]
+    const gate = slice(gu, 0, ff, 2);
+    const act = g.op('Mul', [g.op('Mul', [gate, g.op('Sigmoid', [gate])]), slice(gu, ff, 2 * ff, 2)]); // [B, T, ff]
+    x = g.op('Add', [h, g.op('MatMul', [act, await weight(`${p}wdown`, lw.wdown)])]);
+  }
+  const hidden = g.node('Identity', [rmsNorm(x, await weight('final_norm', w.finalNorm))], { outputs: ['hidden'] })[0]; // [B, T, d]
+  g.output(hidden, 'float32', ['batch', 'seq', d]);
+  const sel = g.op('Gather', [hidden, logitIndex], { axis: 1 }); // [B, K, d]
+  const head = c.tieWordEmbeddings ? g.op('Transpose', [embed], { perm: [1, 0] }) : await weight('lm_head', w.lmHead); // [d, V]
+  g.node('MatMul', [sel, head], { outputs: ['logits'] });
+  g.output('logits', 'float32', ['batch', 'n_logits', V]);
+  return g.serialize();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backbone
+
+class OnnxCache implements BackboneCache, CacheBook {
+  length = 0;
+  k: ort.Tensor[] = [];
+  v: ort.Tensor[] = [];
+  keyPos: number[][];
+  nextPos: number[];
+  disposed = false;
+  constructor(readonly owner: OnnxBackbone, readonly batch: number) {
+    this.keyPos = Array.from({ length: batch }, () => []);
+    this.nextPos = new Array<number>(batch).fill(0);
+  }
+  dispose(): void {
+    this.disposed = true;
+    this.k = [];
+    this.v = [];
+  }
+}
+
+class OnnxBackbone implements Backbone {
+  readonly kind = 'onnx' as const;
+  readonly config: DecoderConfig;
+  private session: ort.InferenceSession | null;
+  constructor(readonly decoder: Decoder, session: ort.InferenceSession) {
+    this.config = decoder.config;
+    this.session = session;
+  }
+
+  newCache(batch: number): BackboneCache {
+    if (!Number.isInteger(batch) || batch < 1) fail('E_INTERNAL', `cache batch must be a positive integer, got ${batch}`);
+    return new OnnxCache(this, batch);
+  }
+
+  async forward(a: BackboneForwardArgs): Promise<BackboneForwardResult> {
+    const session = this.session;
+    if (!session) fail('E_INTERNAL', 'forward() on a disposed onnx backbone');
+    const c = this.config;
+    const { batch: B, seqLen: T } = a;
+    const nKV = c.numKvHeads;
+    const hd = c.headDim;
+    const nRep = c.numHeads / nKV;
+    if (!Number.isInteger(B) || B < 1 || !Number.isInteger(T) || T < 1) fail('E_INTERNAL', `batch ${B} and seqLen ${T} must be positive integers`);
+    if (a.ids.length !== B * T) fail('E_INTERNAL', `ids has ${a.ids.length} entries, expected batch*seqLen = ${B * T}`);
+    if (a.mask && a.mask.length !== B * T) fail('E_INTERNAL', `mask has ${a.mask.length} entries, expected ${B * T}`);
+    const ids = new BigInt64Array(B * T);
+    for (let i = 0; i < ids.length; i++) {
+      const id = a.ids[i];
+      if (!Number.isInteger(id) || id < 0 || id >= c.vocabSize) fail('E_USAGE', `token id ${id} at index ${i} is outside the vocabulary [0, ${c.vocabSize})`);
+      ids[i] = BigInt(id);
+    }
+    let cache: OnnxCache | undefined;
+    if (a.cache !== undefined) {
+      if (!(a.cache instanceof OnnxCache) || a.cache.owner !== this) fail('E_INTERNAL', 'the cache passed to the onnx backbone was not made by it (use backbone.newCache)');
+      if (a.cache.disposed) fail('E_INTERNAL', 'the cache passed to the onnx backbone was disposed');
+      cache = a.cache;
+      if (cache.batch !== B) fail('E_INTERNAL', `cache batch ${cache.batch} != batch ${B}`);
+    }
+    const book: CacheBook = cache ?? { length: 0, keyPos: Array.from({ length: B }, () => []), nextPos: new Array<number>(B).fill(0) };
+    const S = book.length;
+    const L = S + T;
+    const host = hostInputs(c, this.decoder.invFreq, book, B, T, a.mask);
+    const logitIndex = a.logits === 'all' ? BigInt64Array.from({ length: T }, (_, i) => BigInt(i)) : a.logits === 'last' ? BigInt64Array.of(BigInt(T - 1)) : new BigInt64Array(0);
+    const feeds: Record<string, ort.Tensor> = {
+      input_ids: new ort.Tensor('int64', ids, [B, T]),
+      cos: new ort.Tensor('float32', host.cos, [B, T, hd]),
+      sin: new ort.Tensor('float32', host.sin, [B, T, hd]),
+      attn_bias: new ort.Tensor('float32', host.bias, [B, 1, nRep * T, L]),
+      logit_index: new ort.Tensor('int64', logitIndex, [logitIndex.length]),
+    };
+    const empty = S === 0 ? new ort.Tensor('float32', new Float32Array(0), [B, nKV, 0, hd]) : null;
+    for (let li = 0; li < c.numLayers; li++) {
+      feeds[`past_key_${li}`] = empty ?? cache!.k[li];
+      feeds[`past_value_${li}`] = empty ?? cache!.v[li];
+    }
+    const fetches = ['hidden', 'logits'];
+    if (cache) for (let li = 0; li < c.numLayers; li++) fetches.push(`present_key_${li}`, `present_value_${li}`);
+    let out: ort.InferenceSession.ReturnType;
+    try {
+      out = await session.run(feeds, fetches);
+    } catch (e) {
+      fail('E_ENGINE', `onnxruntime failed in the decoder forward (batch ${B}, ${T} new tokens, ${S} cached): ${describe(e)}`, e);
+    }
+    if (cache) {
+      cache.k = [];
+      cache.v = [];
+      for (let li = 0; li < c.numLayers; li++) {
+        cache.k.push(out[`present_key_${li}`] as ort.Tensor);
+        cache.v.push(out[`present_value_${li}`] as ort.Tensor);
+      }
+      cache.length = L;
+      for (let b = 0; b < B; b++) {
+        cache.keyPos[b] = cache.keyPos[b].concat(host.newKeyPos[b]);
+        const real = host.newKeyPos[b].filter((p) => p >= 0);
+        if (real.length > 0) cache.nextPos[b] = real[real.length - 1] + 1;
+      }
+    }
+    const hidden = out['hidden'].data as Float32Array;
+    const logits = a.logits === 'none' ? null : (out['logits'].data as Float32Array);
+    return { hidden, logits };
+  }
+
+  dispose(): void {
+    const s = this.session;
+    this.session = null;
+    if (s) void s.release().catch(() => undefined);
+  }
+}
+
+/** Build the graph and its session; see `onnxBackbone` in decoder-engine.ts for memory. */
+export async function createOnnxBackbone(decoder: Decoder, o: OnnxBackboneOptions = {}): Promise<Backbone> {
+  const threads = o.threads ?? os.cpus().length;
+  if (!Number.isInteger(threads) || threads < 1) fail('E_USAGE', `onnx threads must be a positive integer, got ${threads}`);
+  let bytes: Uint8Array | null = await buildDecoderGraph(decoder);
+  let session: ort.InferenceSession;
+  try {
+    session = await ort.InferenceSession.create(bytes, {
+      intraOpNumThreads: threads,
+      interOpNumThreads: 1,
+      executionMode: 'sequential',
+      graphOptimizationLevel: 'all',
+      logSeverityLevel: 3,
+    });
+  } catch (e) {
+    fail('E_ENGINE', `onnxruntime could not load the decoder graph (${decoder.config.architecture}, ${bytes.length} bytes): ${describe(e)}`, e);
+  } finally {
+    bytes = null;
+  }
+  return new OnnxBackbone(decoder, session);
+}
