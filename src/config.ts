@@ -65,6 +65,7 @@ const modelShape = {
     'Hugging Face model folder (config.json, safetensors, tokenizer); null = the embedded tiny model',
   ),
   backend: enumOf(['auto', 'native', 'wasm', 'cpu'], 'auto', 'TensorFlow.js backend: auto = native if installed, else wasm, else cpu'),
+  engine: enumOf(['auto', 'tfjs', 'onnx'], 'auto', "engine for the hot paths (the frozen backbone's forward, the heads' training step): auto = onnx (onnxruntime, native CPU speed) when it loads, else tfjs"),
 };
 
 const dataShape = {

@@ -158,8 +158,10 @@ export async function buildDecoderGraph(model: Decoder): Promise<Uint8Array> {
   const V = c.vocabSize;
   const g = new GraphBuilder(`medusa-train-${c.architecture}`);
   const weight = async (name: string, t: tf.Tensor): Promise<string> => g.initializer(name, 'float32', t.shape, await hostData(t));
-  const i64 = (vals: number[], prefix = 'shape'): string => g.constant('int64', [vals.length], vals, prefix);
-  const f32 = (v: number, prefix = 'scalar'): string => g.constant('float32', [], [v], prefix);
+  // Small constants get their own names: GraphBuilder.constant() claims its fresh name twice and throws.
+  let constants = 0;
+  const i64 = (vals: number[], prefix = 'shape'): string => g.initializer(`k${constants++}:${prefix}`, 'int64', [vals.length], vals);
+  const f32 = (v: number, prefix = 'scalar'): string => g.initializer(`k${constants++}:${prefix}`, 'float32', [], [v]);
 
   const eps = f32(c.rmsNormEps, 'eps');
   const two = f32(2, 'two');
