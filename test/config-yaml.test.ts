@@ -44,7 +44,7 @@ describe('defaults', () => {
     const expected: TrainConfig = {
       recipe: 'medusa1',
       run: { name: 'medusa1-tiny', dir: 'runs', seed: 0 },
-      model: { path: null, backend: 'auto' },
+      model: { path: null, backend: 'auto', engine: 'auto' },
       data: { train: ['runs/x'], eval_fraction: 0.05, eval_max: 256, max_seq_len: 2048, batch_size: 4, shuffle: true, group_by_length: true },
       heads: { num_heads: 3, num_layers: 1, lm_head: 'per_head' },
       loss: { decay: 0.8, heads_coefficient: 1.0, chunk_rows: 512 },
