@@ -16,6 +16,14 @@ import { DECODER_FIXTURES, VARIANTS, readGolden, maxAbsDiff } from './helpers/go
 
 const TOL = 1e-4;
 
+// Jest runs this file in its own vm context, whose Float32Array is not the one onnxruntime-node's native
+// binding creates its outputs with; onnxruntime-common then rejects them ("A float32 tensor's data must be
+// type of function Float32Array()"). Make `instanceof Float32Array` realm-agnostic in this context only
+// (outside Jest there is one realm and nothing to fix).
+Object.defineProperty(Float32Array, Symbol.hasInstance, {
+  value: (x: unknown): boolean => ArrayBuffer.isView(x) && Object.prototype.toString.call(x) === '[object Float32Array]',
+});
+
 beforeAll(async () => {
   await initBackend('wasm');
 });
@@ -225,13 +233,18 @@ describe('onnx backbone errors', () => {
     expect(() => checkOnnxModelSize(small)).not.toThrow();
   });
 
-  test('bad inputs: out-of-vocabulary ids, a foreign or disposed cache, batch mismatch', async () => {
+  test('bad inputs: out-of-vocabulary ids, a foreign, busy or disposed cache, batch mismatch', async () => {
     const model = loadDecoder(path.join(DECODER_FIXTURES, 'llama-gqa')).decoder;
     const bb = await onnxBackbone(model);
     const ref = tfjsBackbone(model);
     await expectCode(bb.forward({ ids: [3, 96], batch: 1, seqLen: 2, logits: 'last' }), 'E_USAGE', /outside the vocabulary/);
     await expectCode(bb.forward({ ids: [3, 4], batch: 1, seqLen: 2, cache: ref.newCache(1), logits: 'last' }), 'E_INTERNAL', /not made by it/);
     await expectCode(bb.forward({ ids: [3, 4], batch: 1, seqLen: 2, cache: bb.newCache(2), logits: 'last' }), 'E_INTERNAL', /cache batch/);
+    const busy = bb.newCache(1);
+    const first = bb.forward({ ids: [3, 4], batch: 1, seqLen: 2, cache: busy, logits: 'last' });
+    await expectCode(bb.forward({ ids: [5], batch: 1, seqLen: 1, cache: busy, logits: 'last' }), 'E_INTERNAL', /still running/);
+    await first;
+    expect(busy.length).toBe(2);
     const c = bb.newCache(1);
     c.dispose();
     await expectCode(bb.forward({ ids: [3, 4], batch: 1, seqLen: 2, cache: c, logits: 'last' }), 'E_INTERNAL', /disposed/);

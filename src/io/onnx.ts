@@ -69,7 +69,9 @@ export class GraphBuilder {
 
   /** A scalar or small constant. */
   constant(type: ElemType, dims: number[], data: ArrayLike<number>, prefix = 'const'): string {
-    return this.initializer(this.fresh(prefix), type, dims, data);
+    const name = this.fresh(prefix); // fresh() has already claimed the name
+    this.initializers.push(tensorProto(name, type, dims, data));
+    return name;
   }
 
   /** Add a node; returns its output names (fresh unless given). */
