@@ -7,8 +7,6 @@
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { fileURLToPath } from 'node:url';
 import * as fs from 'node:fs';
-import { spawn } from 'node:child_process';
-import { constants as osConstants } from 'node:os';
 import { MedusaError, isMedusaError, describe } from './errors.js';
 import { BACKEND_CHOICES, initBackend, type BackendChoice } from './backend.js';
 import { modelInfo, formatInfo, formatCount } from './recipes/info.js';
@@ -23,6 +21,7 @@ import { runDemo } from './recipes/demo.js';
 import { ensureEmbeddedModel } from './model/tiny.js';
 import { PROMPT_FORMATS, type PromptFormat } from './data/prompts.js';
 import { VERSION } from './version.js';
+import { reexecWithAllocatorSettings, watchParent } from './process.js';
 
 function intArg(name: string, min: number, max: number) {
   return (v: string): number => {
@@ -297,43 +296,6 @@ export async function main(argv: string[], io: Io = defaultIo): Promise<number> 
     io.err(`internal error: ${describe(e)}\n${e instanceof Error ? e.stack ?? '' : ''}\nThis is a bug in medusa-train; please report it with the command line above.`);
     return 70;
   }
-}
-
-/**
- * Allocator settings that decide native-engine speed on this kind of VM (it hands out fresh memory slowly;
- * onnxruntime and PyTorch ran 3-5x faster with them). glibc reads them only at process start, so the CLI
- * re-executes itself once with them set. MEDUSA_TRAIN_NO_REEXEC=1 turns this off.
- */
-export const MALLOC_ENV: Readonly<Record<string, string>> = {
-  MALLOC_MMAP_MAX_: '0',
-  MALLOC_TRIM_THRESHOLD_: '68719476736',
-  MALLOC_TOP_PAD_: '536870912',
-};
-
-function reexecWithAllocatorSettings(): boolean {
-  if (process.env['MEDUSA_TRAIN_NO_REEXEC'] === '1' || process.env['MEDUSA_TRAIN_REEXEC'] === '1') return false;
-  if (Object.entries(MALLOC_ENV).every(([k, v]) => process.env[k] === v)) return false;
-  const child = spawn(process.execPath, [...process.execArgv, ...process.argv.slice(1)], {
-    stdio: 'inherit',
-    env: { ...process.env, ...MALLOC_ENV, MEDUSA_TRAIN_REEXEC: '1' },
-  });
-  // Ctrl-C reaches the child through the terminal's process group; a targeted SIGTERM/SIGHUP is passed on.
-  process.on('SIGINT', () => {});
-  for (const sig of ['SIGTERM', 'SIGHUP'] as const) process.on(sig, () => child.kill(sig));
-  child.on('exit', (code, signal) => process.exit(code ?? (signal ? 128 + (osConstants.signals[signal] ?? 0) : 1)));
-  child.on('error', (e) => {
-    process.stderr.write(`cannot re-execute with allocator settings (${e.message}); set MEDUSA_TRAIN_NO_REEXEC=1\n`);
-    process.exit(70);
-  });
-  return true;
-}
-
-/** In the re-executed child: exit if the parent disappears (e.g. killed with SIGKILL), never run orphaned. */
-function watchParent(): void {
-  const parent = process.ppid;
-  setInterval(() => {
-    if (process.ppid !== parent) process.exit(137);
-  }, 500).unref();
 }
 
 const isEntryPoint = process.argv[1] !== undefined && fs.realpathSync(process.argv[1]) === fileURLToPath(import.meta.url);
