@@ -19,21 +19,7 @@ import { createHeadsTrainer, onnxAvailable, type HeadsBatch, type HeadsTrainer, 
 import { DISABLE_ORT_ENV, probeOrt, setOrtLoaderForTests } from '../src/engines/ort.js';
 import { createOnnxHeadsTrainer } from '../src/engines/onnx-heads.js';
 
-/**
- * Jest runs this file in a vm realm: its Float32Array is not the one of the realm where the native
- * onnxruntime binding creates its output arrays, so onnxruntime-common's `data instanceof
- * Float32Array` check rejects every session output ("A float32 tensor's data must be type of
- * Float32Array"). Let this realm's typed-array constructors recognise arrays of any realm by their
- * tag. (Plain Node has one realm; production code needs nothing of this.)
- */
-function acceptTypedArraysOfAnyRealm(): void {
-  const ctors = [Float32Array, Float64Array, Int8Array, Uint8Array, Int16Array, Uint16Array, Int32Array, Uint32Array, BigInt64Array, BigUint64Array];
-  for (const C of ctors) {
-    const tag = `[object ${C.name}]`;
-    Object.defineProperty(C, Symbol.hasInstance, { configurable: true, value: (x: unknown) => ArrayBuffer.isView(x) && Object.prototype.toString.call(x) === tag });
-  }
-}
-acceptTypedArraysOfAnyRealm();
+// onnxruntime outputs under Jest: see test/setup/realm.ts (jest setupFiles).
 
 const DIR = path.resolve('test/fixtures/heads');
 interface Case { name: string; file: string; mode: 'per_head' | 'shared'; num_heads: number; num_layers: number; hidden_size: number; vocab_size: number; batch: number; seq_len: number; decay: number; heads_coefficient: number; trainable: string[] }

@@ -74,28 +74,30 @@ test('heads learn a structured dataset: head-0 top-1 far above chance', async ()
   expect(fs.readFileSync(path.join(tmp, 'learn', 'command.txt'), 'utf8')).toContain('test');
 }, 300_000);
 
-test('interrupted at step 3 and resumed: final heads bit-identical to an uninterrupted run', async () => {
-  const sets = ['train.max_steps=6', 'checkpoint.every=2', 'train.grad_accum=2', 'data.batch_size=4', 'eval.every=3', 'train.weight_decay=0.01'];
-  const whole = await runMedusa1({ config: config('whole', ...sets), commandLine: ['test'], resume: false, log: quiet });
+test.each(['onnx', 'tfjs'])('%s engine: interrupted at step 3 and resumed, final heads bit-identical to an uninterrupted run', async (engine) => {
+  const sets = ['train.max_steps=6', 'checkpoint.every=2', 'train.grad_accum=2', 'data.batch_size=4', 'eval.every=3', 'train.weight_decay=0.01', `model.engine=${engine}`];
+  const logs: string[] = [];
+  const whole = await runMedusa1({ config: config(`whole-${engine}`, ...sets), commandLine: ['test'], resume: false, log: (l) => logs.push(l) });
+  expect(logs.join('\n')).toContain(`engines: backbone ${engine}; heads ${engine}`);
   expect(whole.steps).toBe(6);
   let polls = 0;
-  const part = await runMedusa1({ config: config('part', ...sets), commandLine: ['test'], resume: false, log: quiet, shouldStop: () => ++polls >= 3 });
+  const part = await runMedusa1({ config: config(`part-${engine}`, ...sets), commandLine: ['test'], resume: false, log: quiet, shouldStop: () => ++polls >= 3 });
   expect(part.stopped).toBe(true);
   expect(part.steps).toBe(3);
-  expect(listCheckpoints(path.join(tmp, 'part')).map((c) => c.step)).toEqual([2, 3]);
-  const resumed = await runMedusa1({ config: config('part', ...sets), commandLine: ['test'], resume: true, log: quiet });
+  expect(listCheckpoints(path.join(tmp, `part-${engine}`)).map((c) => c.step)).toEqual([2, 3]);
+  const resumed = await runMedusa1({ config: config(`part-${engine}`, ...sets), commandLine: ['test'], resume: true, log: quiet });
   expect(resumed.steps).toBe(6);
   const a = fs.readFileSync(path.join(whole.checkpoint!, 'heads.safetensors'));
   const b = fs.readFileSync(path.join(resumed.checkpoint!, 'heads.safetensors'));
   expect(Buffer.compare(a, b)).toBe(0);
   expect(Buffer.compare(fs.readFileSync(path.join(whole.checkpoint!, 'optimizer.safetensors')), fs.readFileSync(path.join(resumed.checkpoint!, 'optimizer.safetensors')))).toBe(0);
   // metrics of the resumed run continue without duplicated steps
-  const steps = fs.readFileSync(path.join(tmp, 'part', 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l)).filter((l) => l.type === 'train').map((l) => l.step);
+  const steps = fs.readFileSync(path.join(tmp, `part-${engine}`, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l)).filter((l) => l.type === 'train').map((l) => l.step);
   expect(steps).toEqual([1, 2, 3, 4, 5, 6]);
   // a second run under the same name without --resume is refused
-  await expect(runMedusa1({ config: config('part', ...sets), commandLine: ['test'], resume: false, log: quiet })).rejects.toMatchObject({ code: 'E_USAGE' });
+  await expect(runMedusa1({ config: config(`part-${engine}`, ...sets), commandLine: ['test'], resume: false, log: quiet })).rejects.toMatchObject({ code: 'E_USAGE' });
   // resuming with different training settings is refused
-  await expect(runMedusa1({ config: config('part', ...sets, 'train.lr=5e-3'), commandLine: ['test'], resume: true, log: quiet })).rejects.toMatchObject({ code: 'E_CONFIG' });
+  await expect(runMedusa1({ config: config(`part-${engine}`, ...sets, 'train.lr=5e-3'), commandLine: ['test'], resume: true, log: quiet })).rejects.toMatchObject({ code: 'E_CONFIG' });
 }, 300_000);
 
 test('a NaN loss stops the run with E_TRAIN; no checkpoint is written after it', async () => {

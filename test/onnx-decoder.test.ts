@@ -16,13 +16,7 @@ import { DECODER_FIXTURES, VARIANTS, readGolden, maxAbsDiff } from './helpers/go
 
 const TOL = 1e-4;
 
-// Jest runs this file in its own vm context, whose Float32Array is not the one onnxruntime-node's native
-// binding creates its outputs with; onnxruntime-common then rejects them ("A float32 tensor's data must be
-// type of function Float32Array()"). Make `instanceof Float32Array` realm-agnostic in this context only
-// (outside Jest there is one realm and nothing to fix).
-Object.defineProperty(Float32Array, Symbol.hasInstance, {
-  value: (x: unknown): boolean => ArrayBuffer.isView(x) && Object.prototype.toString.call(x) === '[object Float32Array]',
-});
+// onnxruntime outputs under Jest: see test/setup/realm.ts (jest setupFiles).
 
 beforeAll(async () => {
   await initBackend('wasm');

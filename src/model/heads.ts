@@ -82,12 +82,19 @@ export function initHeads(s: HeadsShape, baseLmHead: tf.Tensor2D, seed: number):
     for (let l = 0; l < s.numLayers; l++) {
       const b = new Float32Array(d);
       for (let i = 0; i < d; i++) b[i] = (2 * rng.next() - 1) * bound;
-      layers.push({ w: tf.variable(tf.zeros([d, d]), true) as tf.Variable<tf.Rank.R2>, b: tf.variable(tf.tensor1d(b), true) as tf.Variable<tf.Rank.R1> });
+      layers.push({ w: ownedVariable(tf.zeros([d, d])) as tf.Variable<tf.Rank.R2>, b: ownedVariable(tf.tensor1d(b)) as tf.Variable<tf.Rank.R1> });
     }
     blocks.push(layers);
-    proj.push(s.lmHead === 'per_head' ? (tf.variable(baseLmHead.clone(), true) as tf.Variable<tf.Rank.R2>) : null);
+    proj.push(s.lmHead === 'per_head' ? (ownedVariable(baseLmHead.clone()) as tf.Variable<tf.Rank.R2>) : null);
   }
   return { shape: s, blocks, proj, baseLmHead };
+}
+
+/** A trainable variable initialised from `t`; `t` (a temporary) is released. */
+function ownedVariable(t: tf.Tensor): tf.Variable {
+  const v = tf.variable(t, true);
+  t.dispose();
+  return v;
 }
 
 function transpose2d(data: Float32Array, rows: number, cols: number): Float32Array {
@@ -133,7 +140,9 @@ export function importHeads(h: MedusaHeads, tensors: Record<string, { shape: num
     const t = tensors[row.name];
     const v = headTensor(h, row);
     const internal = row.kind === 'b1' ? t.data : transpose2d(t.data, row.shape[0], row.shape[1]);
-    v.assign(tf.tensor(internal, v.shape));
+    const value = tf.tensor(internal, v.shape);
+    v.assign(value);
+    value.dispose();
   }
 }
 

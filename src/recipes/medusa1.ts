@@ -13,22 +13,20 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
-import * as tf from '@tensorflow/tfjs';
 import { fail } from '../errors.js';
 import { initBackend, currentBackend, type BackendChoice } from '../backend.js';
 import { configHash, saveResolvedConfig, type TrainConfig } from '../config.js';
 import { loadDecoder } from '../model/load.js';
-import { decoderForward, type Decoder } from '../model/decoder.js';
+import type { Decoder } from '../model/decoder.js';
 import { disposeWeights } from '../model/weights.js';
 import { ensureEmbeddedModel } from '../model/tiny.js';
-import { disposeHeads, exportHeads, importHeads, initHeads, trainableParams, type MedusaHeads } from '../model/heads.js';
 import { loadTokenizer } from '../data/tokenizer.js';
 import { countValid, loadExamples, padBatch, planEpoch, splitEval, type PaddedBatch, type TrainExample } from '../data/batches.js';
 import { hiddenCacheBytes, openHiddenCache, type HiddenCache } from '../data/hidden-cache.js';
-import { headsLoss, TOPK_REPORTED } from '../train/heads-loss.js';
-import { AdamW } from '../train/optimizer.js';
+import { TOPK_REPORTED } from '../train/heads-loss.js';
 import { lrAt, warmupSteps } from '../train/schedule.js';
-import { clipGradNorm } from '../train/clip.js';
+import { createHeadsTrainer, type HeadsBatch, type HeadsTrainer } from '../engines/heads-trainer.js';
+import { onnxBackbone, tfjsBackbone, type Backbone } from '../engines/decoder-engine.js';
 import { latestCheckpoint, loadCheckpoint, saveCheckpoint } from '../train/checkpoint.js';
 
 export interface Medusa1Args {
@@ -129,16 +127,21 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
     const warmup = warmupSteps(totalSteps, c.train.warmup_ratio);
     a.log(`training: ${totalSteps} steps (${stepsPerEpoch} per epoch, batch ${c.data.batch_size} x accumulation ${c.train.grad_accum}), ${K} heads x ${c.heads.num_layers} layer(s), lm_head ${c.heads.lm_head}, backend ${currentBackend().detail}`);
 
-    // --- heads and optimizer (fresh, or from the latest checkpoint) ---
-    const heads: MedusaHeads = initHeads(
-      { numHeads: K, numLayers: c.heads.num_layers, hiddenSize: decoder.config.hiddenSize, vocabSize: decoder.config.vocabSize, lmHead: c.heads.lm_head },
-      decoder.weights.lmHead,
-      c.run.seed,
-    );
-    cleanup.push(() => disposeHeads(heads));
-    const params = trainableParams(heads);
-    const opt = new AdamW(params.map((p) => ({ name: p.name, value: p.value, weightDecay: p.weightDecay ? c.train.weight_decay : 0 })), { betas: c.train.betas as [number, number], eps: c.train.eps });
-    cleanup.push(() => opt.dispose());
+    // --- engines: the frozen backbone's forward and the heads' training step ---
+    const backbone = await chooseBackbone(c.model.engine, decoder, a.log);
+    cleanup.push(() => backbone.dispose());
+    const d = decoder.config.hiddenSize;
+    const V = decoder.config.vocabSize;
+    const lmHeadT = decoder.weights.lmHead.dataSync() as Float32Array; // [d, V]
+    const baseLmHead = new Float32Array(V * d); // [V, d], PyTorch layout
+    for (let i = 0; i < d; i++) for (let j = 0; j < V; j++) baseLmHead[j * d + i] = lmHeadT[i * V + j];
+    const trainer: HeadsTrainer = await createHeadsTrainer(c.model.engine, {
+      shape: { numHeads: K, numLayers: c.heads.num_layers, hiddenSize: d, vocabSize: V, lmHead: c.heads.lm_head },
+      baseLmHead, seed: c.run.seed, betas: c.train.betas as [number, number], eps: c.train.eps, weightDecay: c.train.weight_decay,
+      decay: c.loss.decay, headsCoefficient: c.loss.heads_coefficient, chunkRows: c.loss.chunk_rows, maxGradNorm: c.train.max_grad_norm,
+    });
+    cleanup.push(() => trainer.dispose());
+    a.log(`engines: backbone ${backbone.kind}; heads ${trainer.description}`);
     let step = 0;
     let epoch = 0;
     let nextBatch = 0;
@@ -148,8 +151,9 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
       if (ck.state['config_hash'] !== hash) {
         fail('E_CONFIG', `cannot resume ${runDir}: the config's training settings differ from the run's (config hash ${String(ck.state['config_hash']).slice(0, 12)}… vs ${hash.slice(0, 12)}…). Compare with ${path.join(runDir, 'config.yaml')}, or start a new run.name.`);
       }
-      importHeads(heads, ck.heads, resumeFrom);
-      opt.importState({ step: ck.state['optimizer_step'] as number, tensors: ck.optimizer });
+      if (ck.state['optimizer_layout'] !== 'reference') fail('E_CONFIG', `${resumeFrom} holds optimizer state in an older layout; start a new run.`);
+      trainer.importHeads(ck.heads, resumeFrom);
+      trainer.importOptimizer({ step: ck.state['optimizer_step'] as number, tensors: ck.optimizer });
       step = ck.state['step'] as number;
       epoch = ck.state['epoch'] as number;
       nextBatch = ck.state['next_batch'] as number;
@@ -179,36 +183,32 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
         for (let s = 0; s < order.length; s += c.data.batch_size) {
           const idx = order.slice(s, s + c.data.batch_size);
           const pb = padBatch(all, idx, padId);
-          const hidden = backboneHidden(decoder, pb); // [B*T, d]
-          const hd = hidden.dataSync() as Float32Array;
-          hidden.dispose();
-          const d = decoder.config.hiddenSize;
+          const hd = await backboneHidden(backbone, pb); // [B*T, d]
           idx.forEach((ex, b) => cache!.put(ex, hd.slice(b * pb.T * d, (b * pb.T + lengths[ex]) * d)));
         }
         cache.finalize();
         a.log(`hidden-state cache filled (${all.length} conversations)`);
       }
     }
-    /** Hidden states for a padded batch of `all`-indexes: [B*T, d]. */
-    const hiddenFor = (pb: PaddedBatch, allIdx: number[]): tf.Tensor2D => {
-      if (!cache) return backboneHidden(decoder, pb);
-      const d = decoder.config.hiddenSize;
-      const buf = new Float32Array(pb.B * pb.T * d);
-      allIdx.forEach((ex, b) => buf.set(cache!.get(ex), b * pb.T * d));
-      return tf.tensor2d(buf, [pb.B * pb.T, d]);
+    /** The heads' input for a padded batch of `all`-indexes: hidden states [B*T, d] from the cache or the backbone. */
+    const batchFor = async (pb: PaddedBatch, allIdx: number[]): Promise<HeadsBatch> => {
+      let hidden: Float32Array;
+      if (!cache) hidden = await backboneHidden(backbone, pb);
+      else {
+        hidden = new Float32Array(pb.B * pb.T * d);
+        allIdx.forEach((ex, b) => hidden.set(cache!.get(ex), b * pb.T * d));
+      }
+      return { hidden, ids: pb.ids, lossMask: pb.lossMask, lengths: pb.lengths, T: pb.T };
     };
 
     // --- evaluation over the held-out split ---
-    const evaluate = (): { loss: number; heads: HeadMetrics[] } | null => {
+    const evaluate = async (): Promise<{ loss: number; heads: HeadMetrics[] } | null> => {
       if (evalSet.length === 0) return null;
       const st = emptyStats(K);
       for (let s = 0; s < evalSet.length; s += c.data.batch_size) {
         const idx = Array.from({ length: Math.min(c.data.batch_size, evalSet.length - s) }, (_, i) => s + i);
         const pb = padBatch(evalSet, idx, padId);
-        const hidden = hiddenFor(pb, idx.map((i) => train.length + i));
-        const r = headsLoss({ heads, hidden, ids: pb.ids, lossMask: pb.lossMask, lengths: pb.lengths, T: pb.T, decay: c.loss.decay, headsCoefficient: c.loss.heads_coefficient, norm: new Array<number>(K).fill(1), chunkRows: c.loss.chunk_rows, computeGrads: false });
-        hidden.dispose();
-        addStats(st, r);
+        addStats(st, await trainer.evaluate(await batchFor(pb, idx.map((i) => train.length + i))));
       }
       return summarise(st, c.loss.decay, c.loss.heads_coefficient);
     };
@@ -224,11 +224,12 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
     const loopStart = performance.now();
     const tokensAtStart = trainTokens;
     const checkpoint = (): void => {
+      const optState = trainer.exportOptimizer();
       lastCheckpoint = saveCheckpoint(runDir, {
         step,
-        heads: exportHeads(heads),
-        optimizer: opt.exportState().tensors,
-        state: { step, epoch, next_batch: nextBatch, optimizer_step: opt.stepCount, config_hash: hash, train_tokens: trainTokens, base_model_config_sha256: folder.configHash, heads_shape: heads.shape, created: new Date().toISOString() },
+        heads: trainer.exportHeads(),
+        optimizer: optState.tensors,
+        state: { step, epoch, next_batch: nextBatch, optimizer_step: optState.step, optimizer_layout: 'reference', engine: trainer.engine, config_hash: hash, train_tokens: trainTokens, base_model_config_sha256: folder.configHash, heads_shape: { num_heads: K, num_layers: c.heads.num_layers, lm_head: c.heads.lm_head, hidden_size: d, vocab_size: V }, created: new Date().toISOString() },
       }, { keep: c.checkpoint.keep });
     };
     a.progress?.start(totalSteps, step);
@@ -246,31 +247,18 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
           micro.push(plan[nextBatch++]);
         }
         const padded = micro.map((idx) => padBatch(train, idx, padId));
-        const norm = new Array<number>(K).fill(0);
-        for (const pb of padded) countValid(pb, K).forEach((n, k) => (norm[k] += n));
-        const st = emptyStats(K);
-        let grads: Map<string, tf.Tensor> | null = null;
+        const batches: HeadsBatch[] = [];
         for (let m = 0; m < padded.length; m++) {
-          const pb = padded[m];
-          const hidden = hiddenFor(pb, micro[m]);
-          const r = headsLoss({ heads, hidden, ids: pb.ids, lossMask: pb.lossMask, lengths: pb.lengths, T: pb.T, decay: c.loss.decay, headsCoefficient: c.loss.heads_coefficient, norm, chunkRows: c.loss.chunk_rows, computeGrads: true });
-          hidden.dispose();
-          addStats(st, r);
-          grads = accumulate(grads, r.grads!);
-          trainTokens += pb.lengths.reduce((x, y) => x + y, 0);
+          batches.push(await batchFor(padded[m], micro[m]));
+          trainTokens += padded[m].lengths.reduce((x, y) => x + y, 0);
         }
-        const metrics = summarise(st, c.loss.decay, c.loss.heads_coefficient);
-        if (!Number.isFinite(metrics.loss)) {
-          disposeGrads(grads);
-          fail('E_TRAIN', `the loss became ${metrics.loss} at step ${step + 1}. The run stopped; its last good checkpoint is ${lastCheckpoint ?? '(none yet)'}. Lower train.lr, set train.max_grad_norm, or check the data.`);
-        }
-        // parameters a step's data did not reach (a head with no valid position) get zero gradients
-        for (const p of params) if (!grads!.has(p.name)) grads!.set(p.name, tf.zerosLike(p.value));
-        const clip = c.train.max_grad_norm === null ? { norm: globalNorm(grads!), grads: grads! } : clipGradNorm(grads!, c.train.max_grad_norm);
-        if (clip.grads !== grads) disposeGrads(grads);
         const lr = lrAt(step, { lr: c.train.lr, kind: c.train.schedule, warmupSteps: warmup, totalSteps });
-        opt.step(clip.grads, lr);
-        disposeGrads(clip.grads);
+        const r = await trainer.step(batches, lr);
+        const metrics = summarise(r, c.loss.decay, c.loss.heads_coefficient);
+        if (!r.applied || !Number.isFinite(metrics.loss)) {
+          fail('E_TRAIN', `the loss became ${metrics.loss} (gradient norm ${r.gradNorm}) at step ${step + 1}. The run stopped without applying it; its last good checkpoint is ${lastCheckpoint ?? '(none yet)'}. Lower train.lr, set train.max_grad_norm, or check the data.`);
+        }
+        const clip = { norm: r.gradNorm };
         step++;
         finalTrain = metrics;
         const secs = (performance.now() - loopStart) / 1000;
@@ -278,7 +266,7 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
           writeMetrics({ type: 'train', step, epoch, loss: metrics.loss, heads: metrics.heads, lr, grad_norm: clip.norm, tokens: trainTokens, tokens_per_s: (trainTokens - tokensAtStart) / Math.max(secs, 1e-9) });
         }
         if (step % c.eval.every === 0 || step === totalSteps) {
-          finalEval = evaluate();
+          finalEval = await evaluate();
           if (finalEval) writeMetrics({ type: 'eval', step, loss: finalEval.loss, heads: finalEval.heads });
         }
         const stopNow = a.shouldStop?.() ?? false;
@@ -292,7 +280,7 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
     } finally {
       a.progress?.stop();
     }
-    if (!finalEval && !stopped) finalEval = evaluate(); // e.g. resuming a run that had already finished
+    if (!finalEval && !stopped) finalEval = await evaluate(); // e.g. resuming a run that had already finished
     const seconds = (performance.now() - t0) / 1000;
     const summary: Medusa1Summary = {
       runDir, steps: step, totalSteps, stopped, trainTokens, seconds,
@@ -306,42 +294,28 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
   }
 }
 
-/** Final hidden states of a padded batch from the frozen backbone: [B*T, d]. */
-function backboneHidden(decoder: Decoder, pb: PaddedBatch): tf.Tensor2D {
-  const { hidden } = decoderForward(decoder, { ids: pb.ids, batch: pb.B, seqLen: pb.T, mask: pb.attention, logits: 'none' });
-  const flat = tf.reshape(hidden, [pb.B * pb.T, decoder.config.hiddenSize]) as tf.Tensor2D; // [B*T, d]
-  hidden.dispose();
-  return flat;
+/** Final hidden states of a padded batch from the frozen backbone: [B*T, d] on the host. */
+async function backboneHidden(backbone: Backbone, pb: PaddedBatch): Promise<Float32Array> {
+  const r = await backbone.forward({ ids: pb.ids, batch: pb.B, seqLen: pb.T, mask: pb.attention, logits: 'none' });
+  return r.hidden; // [B, T, d] = [B*T, d]
+}
+
+/** The backbone engine: onnx (native) when asked or when `auto` finds it usable, else tfjs. */
+async function chooseBackbone(kind: 'auto' | 'tfjs' | 'onnx', decoder: Decoder, log: (line: string) => void): Promise<Backbone> {
+  if (kind === 'tfjs') return tfjsBackbone(decoder);
+  if (kind === 'onnx') return onnxBackbone(decoder);
+  try {
+    return await onnxBackbone(decoder);
+  } catch (e) {
+    log(`backbone: onnx unavailable (${(e as Error).message.split('\n')[0]}); using tfjs`);
+    return tfjsBackbone(decoder);
+  }
 }
 
 function addStats(st: StepStats, r: { ceSum: number[]; valid: number[]; correct: number[][] }): void {
   r.ceSum.forEach((v, k) => (st.ceSum[k] += v));
   r.valid.forEach((v, k) => (st.valid[k] += v));
   r.correct.forEach((row, k) => row.forEach((v, j) => (st.correct[k][j] += v)));
-}
-
-function accumulate(acc: Map<string, tf.Tensor> | null, g: Map<string, tf.Tensor>): Map<string, tf.Tensor> {
-  if (!acc) return g;
-  for (const [name, t] of g) {
-    const prev = acc.get(name);
-    if (!prev) acc.set(name, t);
-    else {
-      acc.set(name, tf.add(prev, t));
-      prev.dispose();
-      t.dispose();
-    }
-  }
-  return acc;
-}
-
-function disposeGrads(g: Map<string, tf.Tensor> | null): void {
-  if (g) for (const t of g.values()) t.dispose();
-}
-
-function globalNorm(g: Map<string, tf.Tensor>): number {
-  let s = 0;
-  for (const t of g.values()) s += tf.tidy(() => tf.sum(tf.square(t))).dataSync()[0];
-  return Math.sqrt(s);
 }
 
 /** Drop metrics lines written after `step` (they belong to steps a resumed run repeats). */
