@@ -15,6 +15,7 @@ import { disposeWeights } from '../src/model/weights.js';
 import { BENCH_20M, writeTinyModel } from '../src/model/tiny.js';
 import { loadTokenizer } from '../src/data/tokenizer.js';
 import { createLocalEngine } from '../src/distill/local-engine.js';
+import { onnxBackbone, tfjsBackbone } from '../src/engines/decoder-engine.js';
 import { createOpenAIEngine } from '../src/distill/openai-engine.js';
 import type { GenerationRequest, DistillEngine } from '../src/distill/engine.js';
 import { isError } from '../src/distill/engine.js';
@@ -52,10 +53,14 @@ async function main(): Promise<void> {
   const info = await initBackend('wasm');
   const { decoder } = loadDecoder(model);
   const local: Record<string, unknown> = {};
-  for (const bs of [1, 8, 16]) {
-    const r = await measure(createLocalEngine({ decoder, sampling, eosIds: [], padId: 0, batchSize: bs, topk: 0 }), reqs);
-    local[`batch${bs}`] = r;
-    console.log(`local engine batch ${bs}: ${r.tps} tok/s (${r.tokens} tokens in ${r.seconds} s)`);
+  for (const kind of ['tfjs', 'onnx'] as const) {
+    const backbone = kind === 'tfjs' ? tfjsBackbone(decoder) : await onnxBackbone(decoder);
+    for (const bs of [1, 8, 16]) {
+      const r = await measure(createLocalEngine({ backbone, sampling, eosIds: [], padId: 0, batchSize: bs, topk: 0 }), reqs);
+      local[kind === 'tfjs' ? `batch${bs}` : `onnx_batch${bs}`] = r;
+      console.log(`local engine (${kind}) batch ${bs}: ${r.tps} tok/s (${r.tokens} tokens in ${r.seconds} s)`);
+    }
+    backbone.dispose();
   }
   disposeWeights(decoder.weights);
 

@@ -96,15 +96,16 @@ export function buildProgram(io: Io = defaultIo): Command {
     .option('--top-k <k>', 'keep the k most likely tokens (0 = off)', intArg('--top-k', 0, 1_000_000), 0)
     .option('--seed <n>', 'random seed for sampling', intArg('--seed', 0, 2 ** 32 - 1), 0)
     .option('--no-eos', 'do not stop at end-of-sequence tokens')
+    .addOption(new Option('--backbone-engine <name>', 'who runs the model (auto = onnxruntime when it loads, else tfjs)').choices(['auto', 'tfjs', 'onnx']).default('auto'))
     .option('--json', 'print JSON')
     .addOption(backendOption())
-    .action(async (o: { model?: string; prompt: string[]; promptFile?: string; chat?: boolean; system?: string; maxNewTokens: number; temperature: number; topP: number; topK: number; seed: number; eos: boolean; json?: boolean; backend: BackendChoice }) => {
+    .action(async (o: { model?: string; prompt: string[]; promptFile?: string; chat?: boolean; system?: string; maxNewTokens: number; temperature: number; topP: number; topK: number; seed: number; eos: boolean; backboneEngine: 'auto' | 'tfjs' | 'onnx'; json?: boolean; backend: BackendChoice }) => {
       await selectBackend(o.backend, io, !!o.json);
       const prompts = [...o.prompt];
       if (o.promptFile) prompts.push(...readPromptFile(o.promptFile));
       const r = await runGenerate({
         model: o.model, prompts, chat: !!o.chat, system: o.system, maxNewTokens: o.maxNewTokens,
-        temperature: o.temperature, topP: o.topP, topK: o.topK, seed: o.seed, stopAtEos: o.eos,
+        temperature: o.temperature, topP: o.topP, topK: o.topK, seed: o.seed, stopAtEos: o.eos, backboneEngine: o.backboneEngine,
         log: (s) => { if (!o.json) io.err(s); },
       });
       io.out(o.json ? JSON.stringify(r, null, 2) : formatGenerate(r));
@@ -169,6 +170,7 @@ export function buildProgram(io: Io = defaultIo): Command {
     .option('--max-new-tokens <n>', 'most tokens per assistant turn', intArg('--max-new-tokens', 1, 1_000_000), 512)
     .option('--max-total-tokens <n>', "most tokens per conversation (capped at the model's context)", intArg('--max-total-tokens', 2, 16_777_216), 2048)
     .option('--batch-size <n>', 'local engine: rows generated together', intArg('--batch-size', 1, 1024), 8)
+    .addOption(new Option('--backbone-engine <name>', 'local engine: who runs the model (auto = onnxruntime when it loads, else tfjs)').choices(['auto', 'tfjs', 'onnx']).default('auto'))
     .option('--shard-size <n>', 'conversations per dataset shard (the unit of resume)', intArg('--shard-size', 1, 100_000), 64)
     .option('--teacher-topk <k>', "local engine: store the teacher's top-k log-probabilities at each generated token (for MEDUSA-2 distillation)", intArg('--teacher-topk', 0, 1024), 0)
     .option('--limit <n>', 'only the first n conversations', intArg('--limit', 1, 1e12))
@@ -179,7 +181,7 @@ export function buildProgram(io: Io = defaultIo): Command {
     .action(async (o: {
       input: string[]; out: string; format: PromptFormat; model?: string; engine: 'local' | 'openai'; url: string[]; servedModel?: string; inFlight: number;
       timeout: number; retries: number; backoffMs: number; temperature: number; topP: number; topK: number; seed: number; maxNewTokens: number;
-      maxTotalTokens: number; batchSize: number; shardSize: number; teacherTopk: number; limit?: number; overwrite?: boolean; progress: boolean; json?: boolean; backend: BackendChoice;
+      maxTotalTokens: number; batchSize: number; backboneEngine: 'auto' | 'tfjs' | 'onnx'; shardSize: number; teacherTopk: number; limit?: number; overwrite?: boolean; progress: boolean; json?: boolean; backend: BackendChoice;
     }) => {
       if (o.engine === 'local') await selectBackend(o.backend, io, false);
       const model = o.model ?? ensureEmbeddedModel();
@@ -188,7 +190,7 @@ export function buildProgram(io: Io = defaultIo): Command {
           inputs: o.input, format: o.format, out: o.out, model, engine: o.engine, urls: o.url, servedModel: o.servedModel, inFlight: o.inFlight,
           timeoutMs: o.timeout * 1000, retries: o.retries, backoffMs: o.backoffMs,
           sampling: { temperature: o.temperature, topP: o.topP, topK: o.topK }, seed: o.seed, maxNewTokens: o.maxNewTokens, maxTotalTokens: o.maxTotalTokens,
-          batchSize: o.batchSize, shardSize: o.shardSize, topk: o.teacherTopk, limit: o.limit, overwrite: !!o.overwrite,
+          batchSize: o.batchSize, backboneEngine: o.backboneEngine, shardSize: o.shardSize, topk: o.teacherTopk, limit: o.limit, overwrite: !!o.overwrite,
           log: (line) => io.err(line),
           progress: createProgress({ label: 'distill', unit: 'conversations', isTTY: !!process.stderr.isTTY && !o.json, log: (line) => io.err(line), enabled: o.progress }),
           shouldStop,

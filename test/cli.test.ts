@@ -61,7 +61,7 @@ describe('tiny + info + generate', () => {
     const r = await run('generate', '--prompt', 'Hello', '--max-new-tokens', '4', '--temperature', '0.8', '--seed', '1');
     expect(r.code).toBe(0);
     expect(r.err).toContain('embedded tiny model');
-    expect(r.out).toMatch(/new tokens at [\d.]+ tok\/s on (wasm|tensorflow)/);
+    expect(r.out).toMatch(/new tokens at [\d.]+ tok\/s on (onnx|wasm|tensorflow)/);
     expect(fs.existsSync(path.join(tmp, 'cache', 'models', 'embedded-tiny-llama-v1', 'config.json'))).toBe(true);
   });
 

@@ -3,13 +3,14 @@
  * batches with the KV cache; each row samples from its own seeded stream. Optionally records the
  * teacher's top-k log-probabilities (of the untempered distribution) at every generated position.
  */
-import { startGeneration } from '../model/generate.js';
-import type { Decoder } from '../model/decoder.js';
+import { startBackboneGeneration } from '../engines/backbone-generate.js';
+import type { Backbone } from '../engines/decoder-engine.js';
 import type { SamplingParams } from '../model/sampling.js';
 import type { DistillEngine, GenerationRequest, GenerationResult } from './engine.js';
 
 export interface LocalEngineArgs {
-  decoder: Decoder;
+  /** The backbone engine (tfjs or onnxruntime) that generates. */
+  backbone: Backbone;
   sampling: SamplingParams;
   eosIds: number[];
   padId: number;
@@ -52,10 +53,10 @@ export function topkLogprobs(logits: Float32Array, offset: number, V: number, k:
 }
 
 export function createLocalEngine(a: LocalEngineArgs): DistillEngine {
-  const c = a.decoder.config;
+  const c = a.backbone.config;
   return {
     name: 'local',
-    description: `local (${c.architecture}, batch ${a.batchSize})`,
+    description: `local (${c.architecture}, ${a.backbone.kind} backbone, batch ${a.batchSize})`,
     async generate(requests: GenerationRequest[]): Promise<GenerationResult[]> {
       const results: GenerationResult[] = new Array<GenerationResult>(requests.length);
       // Sorting by length wastes little on padding; the order depends only on the requests, so a rerun batches identically.
@@ -67,7 +68,7 @@ export function createLocalEngine(a: LocalEngineArgs): DistillEngine {
         const topIds = reqs.map((r) => (k > 0 ? new Int32Array(r.maxNewTokens * k) : undefined));
         const topLp = reqs.map((r) => (k > 0 ? new Float32Array(r.maxNewTokens * k) : undefined));
         const counts = new Array<number>(reqs.length).fill(0);
-        const session = startGeneration(a.decoder, reqs.map((r) => r.promptIds), {
+        const session = await startBackboneGeneration(a.backbone, reqs.map((r) => r.promptIds), {
           ...a.sampling,
           maxNewTokens: Math.max(...reqs.map((r) => r.maxNewTokens)),
           perRow: reqs.map((r) => ({ maxNewTokens: r.maxNewTokens })),
@@ -83,7 +84,7 @@ export function createLocalEngine(a: LocalEngineArgs): DistillEngine {
             : undefined,
         });
         try {
-          while (session.step().running > 0) {
+          while ((await session.step()).running > 0) {
             await new Promise<void>((r) => setImmediate(r)); // let signals and progress output through
           }
         } finally {

@@ -158,3 +158,15 @@ export async function makeBackbone(kind: DecoderEngineKind, decoder: Decoder, o:
 export function checkBatch(batch: number): void {
   if (!Number.isInteger(batch) || batch < 1) fail('E_INTERNAL', `cache batch must be a positive integer, got ${batch}`);
 }
+
+/** The backbone engine: onnx (native) when asked or when `auto` finds it usable, else tfjs. */
+export async function chooseBackbone(kind: 'auto' | 'tfjs' | 'onnx', decoder: Decoder, log: (line: string) => void): Promise<Backbone> {
+  if (kind === 'tfjs') return tfjsBackbone(decoder);
+  if (kind === 'onnx') return onnxBackbone(decoder);
+  try {
+    return await onnxBackbone(decoder);
+  } catch (e) {
+    log(`backbone: onnx unavailable (${(e as Error).message.split('\n')[0]}); using tfjs`);
+    return tfjsBackbone(decoder);
+  }
+}

@@ -8,6 +8,7 @@
 import { fail } from '../errors.js';
 import { decoderForward, disposeCache, emptyCache, type Decoder, type KVCache } from './decoder.js';
 import { Rng, selectToken, streamSeed, SAMPLING_LIMITS, type SamplingParams } from './sampling.js';
+import type { DecoderConfig } from './config.js';
 
 export interface GenerateOptions extends SamplingParams {
   maxNewTokens: number;
@@ -80,9 +81,23 @@ export interface GenerationSession {
   dispose(): void;
 }
 
-/** Validate, left-pad and prefill the prompts; the returned session produces one token per step. */
-export function startGeneration(model: Decoder, prompts: number[][], o: GenerateOptions): GenerationSession {
-  const c = model.config;
+/** Per-session sampling state shared by every engine's generation loop (validated, left-padded prompts). */
+export interface SamplingState {
+  B: number;
+  P: number;
+  V: number;
+  /** Left-padded prompts [B, P] and their mask. */
+  ids: Int32Array;
+  mask: Uint8Array;
+  padId: number;
+  tokens: number[][];
+  finish: (FinishReason | null)[];
+  promptTokens: number;
+  choose(logits: Float32Array): { produced: (number | null)[]; next: Int32Array; nextMask: Uint8Array; running: number };
+}
+
+/** Validate the prompts and settings, left-pad, and set up each row's sampler. */
+export function prepareSampling(c: DecoderConfig, prompts: number[][], o: GenerateOptions): SamplingState {
   validateGenerateOptions(o, c.vocabSize);
   const B = prompts.length;
   if (B === 0) fail('E_USAGE', 'No prompts to generate from.');
@@ -111,19 +126,10 @@ export function startGeneration(model: Decoder, prompts: number[][], o: Generate
   const tokens: number[][] = prompts.map(() => []);
   const finish: (FinishReason | null)[] = prompts.map(() => null);
   const V = c.vocabSize;
-  let cache: KVCache | null = emptyCache(B);
-  const t0 = performance.now();
-  let logits: Float32Array = forwardLast(model, ids, B, P, mask, cache); // [B, V]
-  const prefillMs = performance.now() - t0;
-
-  const session: GenerationSession = {
-    batch: B,
-    tokens,
-    finish,
-    prefillMs,
+  return {
+    B, P, V, ids, mask, padId: o.padId, tokens, finish,
     promptTokens: prompts.reduce((a, p) => a + p.length, 0),
-    step(): StepResult {
-      if (!cache) fail('E_INTERNAL', 'step() after the session was disposed');
+    choose(logits: Float32Array) {
       const next = new Int32Array(B).fill(o.padId); // [B, 1]
       const nextMask = new Uint8Array(B); // [B, 1]
       const produced: (number | null)[] = new Array<number | null>(B).fill(null);
@@ -142,7 +148,29 @@ export function startGeneration(model: Decoder, prompts: number[][], o: Generate
           running++;
         }
       }
-      if (running > 0) logits = forwardLast(model, next, B, 1, nextMask, cache);
+      return { produced, next, nextMask, running };
+    },
+  };
+}
+
+/** Validate, left-pad and prefill the prompts; the returned session produces one token per step. */
+export function startGeneration(model: Decoder, prompts: number[][], o: GenerateOptions): GenerationSession {
+  const st = prepareSampling(model.config, prompts, o);
+  let cache: KVCache | null = emptyCache(st.B);
+  const t0 = performance.now();
+  let logits: Float32Array = forwardLast(model, st.ids, st.B, st.P, st.mask, cache); // [B, V]
+  const prefillMs = performance.now() - t0;
+
+  const session: GenerationSession = {
+    batch: st.B,
+    tokens: st.tokens,
+    finish: st.finish,
+    prefillMs,
+    promptTokens: st.promptTokens,
+    step(): StepResult {
+      if (!cache) fail('E_INTERNAL', 'step() after the session was disposed');
+      const { produced, next, nextMask, running } = st.choose(logits);
+      if (running > 0) logits = forwardLast(model, next, st.B, 1, nextMask, cache);
       else session.dispose();
       return { produced, running };
     },

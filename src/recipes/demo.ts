@@ -31,7 +31,7 @@ export async function runDemo(a: DemoArgs): Promise<string> {
     timeoutMs: 60_000, retries: 0, backoffMs: 0,
     // The embedded model has random weights (near-uniform logits): greedy decoding gives it a learnable, deterministic output.
     sampling: { temperature: 0, topP: 1, topK: 0 }, seed: 0, maxNewTokens: 48, maxTotalTokens: 256,
-    batchSize: 8, shardSize: 16, topk: 0, overwrite: false, log: a.log, progress: a.progress('distill', 'conversations'), shouldStop: a.shouldStop,
+    batchSize: 8, backboneEngine: 'auto', shardSize: 16, topk: 0, overwrite: false, log: a.log, progress: a.progress('distill', 'conversations'), shouldStop: a.shouldStop,
   });
   const lines = [formatDistillSummary(d)];
   if (!d.complete) return lines.join('\n');

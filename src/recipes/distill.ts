@@ -21,6 +21,7 @@ import { readPrompts, type PromptConversation, type PromptFormat } from '../data
 import { DatasetWriter, type DistilledRecord, type FailureRecord, type SkipRecord } from '../data/dataset.js';
 import { ConversationBuilder } from '../distill/conversation.js';
 import { createLocalEngine } from '../distill/local-engine.js';
+import { chooseBackbone } from '../engines/decoder-engine.js';
 import { createOpenAIEngine, type OpenAIStats } from '../distill/openai-engine.js';
 import { isError, type DistillEngine, type GenerationRequest } from '../distill/engine.js';
 
@@ -42,6 +43,8 @@ export interface DistillArgs {
   maxNewTokens: number;
   maxTotalTokens: number;
   batchSize: number;
+  /** Local engine: which backbone engine generates (auto = onnxruntime when it loads). */
+  backboneEngine: 'auto' | 'tfjs' | 'onnx';
   shardSize: number;
   topk: number;
   limit?: number;
@@ -123,42 +126,21 @@ export async function runDistill(a: DistillArgs): Promise<DistillSummary> {
   const conversations = a.limit !== undefined ? prompts.conversations.slice(0, a.limit) : prompts.conversations;
   a.log(`prompts: ${prompts.conversations.length} conversations, ${prompts.skipped.length} rows skipped, from ${prompts.files.map((f) => `${f.path} (${f.format})`).join(', ')}`);
 
-  // --- dataset (resume unless --overwrite) ---
-  const templateDate = resumeTemplateDate(a.out, a.overwrite) ?? new Date().toISOString().slice(0, 10);
-  const meta: Record<string, string> = {
-    format_version: '1',
-    base_model: path.resolve(a.model),
-    base_model_config_sha256: folder.configHash,
-    architecture: folder.config.architecture,
-    tokenizer_sha256: tokenizer.hash,
-    chat_template: template,
-    template_date: templateDate,
-    sampling: JSON.stringify({ temperature: a.sampling.temperature, top_p: a.sampling.topP, top_k: a.sampling.topK, seed: a.seed, max_new_tokens: a.maxNewTokens, max_total_tokens: maxTotal }),
-    engine: a.engine,
-    engine_detail: a.engine === 'local' ? `local batch ${a.batchSize}` : `openai ${a.urls.join(' ')} in-flight ${a.inFlight}`,
-    local_batch_size: a.engine === 'local' ? String(a.batchSize) : '',
-    shard_size: String(a.shardSize),
-    teacher_topk: String(a.topk),
-    sources: JSON.stringify(prompts.files.map((f) => ({ path: path.resolve(f.path), format: f.format, rows: f.rows }))),
-    sources_sha256: JSON.stringify(prompts.files.map((f) => f.sha256)),
-    created_by: 'medusa-train distill',
-  };
-  const writer = DatasetWriter.open(a.out, {
-    meta, topk: a.topk, mode: a.overwrite ? 'overwrite' : 'resume', ignoreOnResume: ['base_model', 'engine_detail', 'sources', 'created_by'],
-  });
-  for (const o of writer.orphansRemoved) a.log(`removed ${o} (left by an interrupted run)`);
-  const resumedFrom = writer.nextIndex;
-  if (resumedFrom > 0) a.log(`resuming ${a.out} at conversation ${resumedFrom} (${writer.written} written, ${writer.failures.length} failed so far)`);
-
   // --- engine ---
   let generatedTokens = 0;
   let engine: DistillEngine;
   let openaiStats: OpenAIStats | undefined;
   let unload = (): void => {};
+  let localBackbone = '';
   if (a.engine === 'local') {
     const { decoder } = loadDecoder(a.model);
-    unload = () => disposeWeights(decoder.weights);
-    engine = createLocalEngine({ decoder, sampling: a.sampling, eosIds, padId, batchSize: a.batchSize, topk: a.topk, onTokens: (n) => { generatedTokens += n; } });
+    const backbone = await chooseBackbone(a.backboneEngine, decoder, a.log);
+    localBackbone = backbone.kind;
+    unload = () => {
+      backbone.dispose();
+      disposeWeights(decoder.weights);
+    };
+    engine = createLocalEngine({ backbone, sampling: a.sampling, eosIds, padId, batchSize: a.batchSize, topk: a.topk, onTokens: (n) => { generatedTokens += n; } });
   } else {
     const oe = createOpenAIEngine({
       urls: a.urls, model: a.servedModel, inFlight: a.inFlight, timeoutMs: a.timeoutMs, retries: a.retries, backoffMs: a.backoffMs,
@@ -173,6 +155,37 @@ export async function runDistill(a: DistillArgs): Promise<DistillSummary> {
     openaiStats = oe.stats;
   }
   a.log(`engine: ${engine.description}`);
+
+  // --- dataset (resume unless --overwrite) ---
+  const templateDate = resumeTemplateDate(a.out, a.overwrite) ?? new Date().toISOString().slice(0, 10);
+  const meta: Record<string, string> = {
+    format_version: '1',
+    base_model: path.resolve(a.model),
+    base_model_config_sha256: folder.configHash,
+    architecture: folder.config.architecture,
+    tokenizer_sha256: tokenizer.hash,
+    chat_template: template,
+    template_date: templateDate,
+    sampling: JSON.stringify({ temperature: a.sampling.temperature, top_p: a.sampling.topP, top_k: a.sampling.topK, seed: a.seed, max_new_tokens: a.maxNewTokens, max_total_tokens: maxTotal }),
+    engine: a.engine,
+    engine_detail: a.engine === 'local' ? `local batch ${a.batchSize}` : `openai ${a.urls.join(' ')} in-flight ${a.inFlight}`,
+    // float results differ slightly between backbone engines, so a dataset is resumed on the one it started with
+    local_backbone: localBackbone,
+    local_batch_size: a.engine === 'local' ? String(a.batchSize) : '',
+    shard_size: String(a.shardSize),
+    teacher_topk: String(a.topk),
+    sources: JSON.stringify(prompts.files.map((f) => ({ path: path.resolve(f.path), format: f.format, rows: f.rows }))),
+    sources_sha256: JSON.stringify(prompts.files.map((f) => f.sha256)),
+    created_by: 'medusa-train distill',
+  };
+  const writer = DatasetWriter.open(a.out, {
+    meta, topk: a.topk, mode: a.overwrite ? 'overwrite' : 'resume', ignoreOnResume: ['base_model', 'engine_detail', 'sources', 'created_by'],
+  });
+  for (const o of writer.orphansRemoved) a.log(`removed ${o} (left by an interrupted run)`);
+  const resumedFrom = writer.nextIndex;
+  if (resumedFrom > 0) a.log(`resuming ${a.out} at conversation ${resumedFrom} (${writer.written} written, ${writer.failures.length} failed so far)`);
+
+
 
   // --- run: one shard per chunk of conversations ---
   const recordedSkips = new Set(writer.skipped.map((s) => `${s.file}\u0000${s.row}`));

@@ -6,7 +6,9 @@ import { fail } from '../errors.js';
 import { currentBackend } from '../backend.js';
 import { loadDecoder } from '../model/load.js';
 import { disposeWeights } from '../model/weights.js';
-import { generate, type FinishReason } from '../model/generate.js';
+import type { FinishReason } from '../model/generate.js';
+import { generateOn } from '../engines/backbone-generate.js';
+import { chooseBackbone } from '../engines/decoder-engine.js';
 import { ensureEmbeddedModel } from '../model/tiny.js';
 import { loadTokenizer } from '../data/tokenizer.js';
 import { encodeChat, type ChatMessage } from '../data/chat.js';
@@ -22,6 +24,8 @@ export interface GenerateArgs {
   topK: number;
   seed: number;
   stopAtEos: boolean;
+  /** Who runs the model: auto = onnxruntime when it loads, else tfjs. */
+  backboneEngine?: 'auto' | 'tfjs' | 'onnx';
   log: (line: string) => void;
 }
 
@@ -45,6 +49,7 @@ export async function runGenerate(a: GenerateArgs): Promise<GenerateReport> {
   const { decoder, report } = loadDecoder(dir);
   if (report.unexpected.length > 0) a.log(`warning: ${report.unexpected.length} tensor(s) in ${dir} are not used: ${report.unexpected.slice(0, 5).join(', ')}`);
   const tokenizer = await loadTokenizer(dir);
+  const backbone = await chooseBackbone(a.backboneEngine ?? 'auto', decoder, a.log);
   const loadMs = performance.now() - t0;
   try {
     // --- tokenize ---
@@ -59,12 +64,12 @@ export async function runGenerate(a: GenerateArgs): Promise<GenerateReport> {
     // --- generate ---
     const eosIds = a.stopAtEos ? [...new Set([...decoder.config.eosTokenIds, ...tokenizer.eosIds])] : [];
     const padId = decoder.config.padTokenId ?? tokenizer.padId ?? eosIds[0] ?? 0;
-    const r = generate(decoder, promptIds, {
+    const r = await generateOn(backbone, promptIds, {
       maxNewTokens: a.maxNewTokens, temperature: a.temperature, topP: a.topP, topK: a.topK, seed: a.seed, eosIds, padId,
     });
     return {
       model: dir,
-      backend: currentBackend().name,
+      backend: backbone.kind === 'onnx' ? 'onnx' : currentBackend().name,
       outputs: prompts.map((p, i) => ({
         prompt: p, promptTokens: promptIds[i], tokens: r.tokens[i], text: tokenizer.decode(r.tokens[i], { skipSpecialTokens: true }), finish: r.finish[i],
       })),
@@ -75,6 +80,7 @@ export async function runGenerate(a: GenerateArgs): Promise<GenerateReport> {
       loadMs,
     };
   } finally {
+    backbone.dispose();
     disposeWeights(decoder.weights);
   }
 }

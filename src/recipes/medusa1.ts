@@ -17,7 +17,6 @@ import { fail } from '../errors.js';
 import { initBackend, currentBackend, type BackendChoice } from '../backend.js';
 import { configHash, saveResolvedConfig, type TrainConfig } from '../config.js';
 import { loadDecoder } from '../model/load.js';
-import type { Decoder } from '../model/decoder.js';
 import { disposeWeights } from '../model/weights.js';
 import { ensureEmbeddedModel } from '../model/tiny.js';
 import { loadTokenizer } from '../data/tokenizer.js';
@@ -26,7 +25,7 @@ import { hiddenCacheBytes, openHiddenCache, type HiddenCache } from '../data/hid
 import { TOPK_REPORTED } from '../train/heads-loss.js';
 import { lrAt, warmupSteps } from '../train/schedule.js';
 import { createHeadsTrainer, type HeadsBatch, type HeadsTrainer } from '../engines/heads-trainer.js';
-import { onnxBackbone, tfjsBackbone, type Backbone } from '../engines/decoder-engine.js';
+import { chooseBackbone, type Backbone } from '../engines/decoder-engine.js';
 import { latestCheckpoint, loadCheckpoint, saveCheckpoint } from '../train/checkpoint.js';
 
 export interface Medusa1Args {
@@ -298,18 +297,6 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
 async function backboneHidden(backbone: Backbone, pb: PaddedBatch): Promise<Float32Array> {
   const r = await backbone.forward({ ids: pb.ids, batch: pb.B, seqLen: pb.T, mask: pb.attention, logits: 'none' });
   return r.hidden; // [B, T, d] = [B*T, d]
-}
-
-/** The backbone engine: onnx (native) when asked or when `auto` finds it usable, else tfjs. */
-async function chooseBackbone(kind: 'auto' | 'tfjs' | 'onnx', decoder: Decoder, log: (line: string) => void): Promise<Backbone> {
-  if (kind === 'tfjs') return tfjsBackbone(decoder);
-  if (kind === 'onnx') return onnxBackbone(decoder);
-  try {
-    return await onnxBackbone(decoder);
-  } catch (e) {
-    log(`backbone: onnx unavailable (${(e as Error).message.split('\n')[0]}); using tfjs`);
-    return tfjsBackbone(decoder);
-  }
 }
 
 function addStats(st: StepStats, r: { ceSum: number[]; valid: number[]; correct: number[][] }): void {
