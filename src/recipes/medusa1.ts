@@ -284,7 +284,7 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
     const summary: Medusa1Summary = {
       runDir, steps: step, totalSteps, stopped, trainTokens, seconds,
       tokensPerSecond: (trainTokens - tokensAtStart) / Math.max((performance.now() - loopStart) / 1000, 1e-9),
-      finalTrain, finalEval, checkpoint: lastCheckpoint, backend: currentBackend().detail,
+      finalTrain, finalEval, checkpoint: lastCheckpoint, backend: `heads ${trainer.engine}, backbone ${backbone.kind} (tfjs backend: ${currentBackend().detail})`,
     };
     fs.writeFileSync(path.join(runDir, 'summary.json'), `${JSON.stringify(summary, null, 2)}\n`);
     return summary;
