@@ -121,12 +121,13 @@ export function buildProgram(io: Io = defaultIo): Command {
     .option('--max-batch <n>', 'most requests generated together in one batch', intArg('--max-batch', 1, 4096), 8)
     .option('--max-queue <n>', 'most requests waiting for a batch (more get 503 + Retry-After)', intArg('--max-queue', 0, 1_000_000), 256)
     .option('--max-new-tokens-limit <n>', 'most new tokens per request (also the default of chat requests, within the context)', intArg('--max-new-tokens-limit', 1, 1_000_000), 4096)
+    .addOption(new Option('--backbone-engine <name>', 'who runs the model (auto = onnxruntime when it loads, else tfjs)').choices(['auto', 'tfjs', 'onnx']).default('auto'))
     .addOption(backendOption())
-    .action(async (o: { model?: string; host: string; port: number; servedModelName?: string; maxBatch: number; maxQueue: number; maxNewTokensLimit: number; backend: BackendChoice }) => {
+    .action(async (o: { model?: string; host: string; port: number; servedModelName?: string; maxBatch: number; maxQueue: number; maxNewTokensLimit: number; backboneEngine: 'auto' | 'tfjs' | 'onnx'; backend: BackendChoice }) => {
       await selectBackend(o.backend, io, false);
       const server = await runServe({
         model: o.model, host: o.host, port: o.port, servedModelName: o.servedModelName,
-        maxBatch: o.maxBatch, maxQueue: o.maxQueue, maxNewTokensLimit: o.maxNewTokensLimit, log: (s) => io.err(s),
+        maxBatch: o.maxBatch, maxQueue: o.maxQueue, maxNewTokensLimit: o.maxNewTokensLimit, backboneEngine: o.backboneEngine, log: (s) => io.err(s),
       });
       io.err(`serving ${server.modelName}`);
       io.err(`listening on ${server.url}`);

@@ -16,6 +16,7 @@ import { disposeWeights } from '../src/model/weights.js';
 import { loadTokenizer } from '../src/data/tokenizer.js';
 import { openDataset, iterateRecords } from '../src/data/dataset.js';
 import { startServer, type ServerHandle } from '../src/serve/server.js';
+import { runServe } from '../src/recipes/serve.js';
 import { run, type Run } from './helpers/cli.js';
 
 
@@ -122,6 +123,19 @@ async function flakyProxy(plan: ('500' | 'hang' | 'ok')[]): Promise<{ url: strin
     },
   };
 }
+
+test('openai engine against `serve` on the onnx backbone gives the same dataset tokens as the local engine', async () => {
+  const srv = await runServe({ model, host: '127.0.0.1', port: 0, maxBatch: 4, maxQueue: 64, maxNewTokensLimit: 400, backboneEngine: 'onnx', log: () => {} });
+  try {
+    const out = path.join(tmp, 'ds-openai-onnx');
+    const d = await run(...common(out, '--engine', 'openai', '--url', srv.url, '--in-flight', '4'));
+    expect(d.code).toBe(0);
+    const local = records(path.join(tmp, 'ds-local'));
+    expect(records(out).map((r) => [r.id, r.inputIds, r.lossMask])).toEqual(local.map((r) => [r.id, r.inputIds, r.lossMask]));
+  } finally {
+    await srv.close();
+  }
+});
 
 describe('openai engine faults', () => {
   test('500s, timeouts and a refused URL are retried; nothing is lost', async () => {

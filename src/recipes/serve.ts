@@ -9,6 +9,8 @@ import { loadDecoder } from '../model/load.js';
 import { disposeWeights } from '../model/weights.js';
 import { ensureEmbeddedModel } from '../model/tiny.js';
 import { loadTokenizer } from '../data/tokenizer.js';
+import { chooseBackbone } from '../engines/decoder-engine.js';
+import { startBackboneGeneration } from '../engines/backbone-generate.js';
 import { startServer, type ServerHandle } from '../serve/server.js';
 
 export interface ServeArgs {
@@ -20,6 +22,8 @@ export interface ServeArgs {
   maxBatch: number;
   maxQueue: number;
   maxNewTokensLimit: number;
+  /** Who runs the model: auto = onnxruntime when it loads, else tfjs. */
+  backboneEngine?: 'auto' | 'tfjs' | 'onnx';
   log: (line: string) => void;
 }
 
@@ -38,16 +42,26 @@ export async function runServe(a: ServeArgs): Promise<ServeHandle> {
     const tokenizer = await loadTokenizer(dir);
     const modelName = a.servedModelName ?? path.basename(path.resolve(dir));
     a.log(`loaded ${modelName} (${decoder.config.architecture}, context ${decoder.config.maxPositionEmbeddings}) on ${currentBackend().name} in ${(performance.now() - t0).toFixed(0)} ms`);
-    const server = await startServer({
-      decoder, tokenizer, modelName, host: a.host, port: a.port,
-      maxBatch: a.maxBatch, maxQueue: a.maxQueue, maxNewTokensLimit: a.maxNewTokensLimit, log: a.log,
-    });
+    const backbone = await chooseBackbone(a.backboneEngine ?? 'auto', decoder, a.log);
+    a.log(`backbone engine: ${backbone.kind}`);
+    let server: ServerHandle;
+    try {
+      server = await startServer({
+        decoder, tokenizer, modelName, host: a.host, port: a.port,
+        maxBatch: a.maxBatch, maxQueue: a.maxQueue, maxNewTokensLimit: a.maxNewTokensLimit, log: a.log,
+        engine: (_model, prompts, o) => startBackboneGeneration(backbone, prompts, o),
+      });
+    } catch (e) {
+      backbone.dispose();
+      throw e;
+    }
     return {
       ...server,
       modelName,
       modelDir: dir,
       close: async (o) => {
         await server.close(o);
+        backbone.dispose();
         disposeWeights(decoder.weights); // idempotent
       },
     };

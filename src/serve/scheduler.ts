@@ -11,11 +11,16 @@
  */
 import { randomInt } from 'node:crypto';
 import type { Decoder } from '../model/decoder.js';
-import { startGeneration, type GenerationSession, type GenerateOptions } from '../model/generate.js';
+import { type GenerateOptions, type StepResult } from '../model/generate.js';
 import { streamSeed } from '../model/sampling.js';
 import { ApiError } from './api-error.js';
 
-export type Engine = (model: Decoder, prompts: number[][], o: GenerateOptions) => GenerationSession;
+/** A generation session of any engine: tfjs sessions step synchronously, backbone (onnxruntime) sessions asynchronously. */
+export interface SessionLike {
+  step(): StepResult | Promise<StepResult>;
+  dispose(): void;
+}
+export type Engine = (model: Decoder, prompts: number[][], o: GenerateOptions) => SessionLike | Promise<SessionLike>;
 
 /** One request as the scheduler sees it. */
 export interface Job {
@@ -162,9 +167,9 @@ export class Scheduler {
     this.s.largestBatch = Math.max(this.s.largestBatch, batch.length);
     // The session stops a row only on ids every row stops on; rows check their own ids.
     const common = [...batch[0].stopTokenIds].filter((id) => batch.every((j) => j.stopTokenIds.has(id)));
-    let session: GenerationSession | null = null;
+    let session: SessionLike | null = null;
     try {
-      session = this.o.engine(this.o.decoder, batch.map((j) => j.promptIds), {
+      session = await this.o.engine(this.o.decoder, batch.map((j) => j.promptIds), {
         maxNewTokens: Math.max(...batch.map((j) => j.maxTokens)),
         temperature: 0, topP: 1, topK: 0, seed: 0,
         seeds: batch.map((j) => (j.seed === null ? randomInt(0, 2 ** 32) : streamSeed(j.seed, 0))),
@@ -185,7 +190,7 @@ export class Scheduler {
         await nextTurn();
         if (this.abortRunning) throw this.abortRunning;
         if (batch.every((j) => j.done)) break;
-        const r = session.step();
+        const r = await session.step();
         for (let b = 0; b < batch.length; b++) {
           const tok = r.produced[b];
           const j = batch[b];
