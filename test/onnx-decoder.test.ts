@@ -10,7 +10,7 @@ import { parseDecoderConfig } from '../src/model/config.js';
 import type { Decoder } from '../src/model/decoder.js';
 import { argmax, Rng } from '../src/model/sampling.js';
 import { disposeWeights } from '../src/model/weights.js';
-import { onnxBackbone, tfjsBackbone, type Backbone } from '../src/engines/decoder-engine.js';
+import { chooseBackbone, onnxBackbone, tfjsBackbone, type Backbone } from '../src/engines/decoder-engine.js';
 import { checkOnnxModelSize, onnxWeightBytes, PROTOBUF_LIMIT_BYTES } from '../src/engines/onnx-decoder.js';
 import { DECODER_FIXTURES, VARIANTS, readGolden, maxAbsDiff } from './helpers/golden.js';
 
@@ -245,5 +245,28 @@ describe('onnx backbone errors', () => {
     bb.dispose();
     await expectCode(bb.forward({ ids: [3, 4], batch: 1, seqLen: 2, logits: 'last' }), 'E_INTERNAL', /disposed/);
     disposeWeights(model.weights);
+  });
+});
+
+describe('backbone choice', () => {
+  test('auto picks onnx here; with onnxruntime disabled it falls back to tfjs and says why', async () => {
+    await initBackend('wasm');
+    const { decoder } = loadDecoder(path.join(DECODER_FIXTURES, 'llama-gqa'));
+    const logs: string[] = [];
+    const a = await chooseBackbone('auto', decoder, (l) => logs.push(l));
+    expect(a.kind).toBe('onnx');
+    a.dispose();
+    process.env['MEDUSA_TRAIN_DISABLE_ORT'] = '1';
+    try {
+      const b = await chooseBackbone('auto', decoder, (l) => logs.push(l));
+      expect(b.kind).toBe('tfjs');
+      expect(logs.join('\n')).toContain('MEDUSA_TRAIN_DISABLE_ORT');
+      const r = await b.forward({ ids: [5, 6, 7], batch: 1, seqLen: 3, logits: 'last' });
+      expect(r.logits!.length).toBe(decoder.config.vocabSize);
+      b.dispose();
+    } finally {
+      delete process.env['MEDUSA_TRAIN_DISABLE_ORT'];
+    }
+    disposeWeights(decoder.weights);
   });
 });

@@ -14,6 +14,7 @@
  *
  * A cache belongs to the backbone that made it (`newCache`) and cannot be passed to another one.
  */
+import { DISABLE_ORT_ENV, disabledByEnv } from './ort.js';
 import { describe, fail } from '../errors.js';
 import type { DecoderConfig } from '../model/config.js';
 import { decoderForward, disposeCache, emptyCache, type Decoder, type KVCache } from '../model/decoder.js';
@@ -163,6 +164,10 @@ export function checkBatch(batch: number): void {
 export async function chooseBackbone(kind: 'auto' | 'tfjs' | 'onnx', decoder: Decoder, log: (line: string) => void): Promise<Backbone> {
   if (kind === 'tfjs') return tfjsBackbone(decoder);
   if (kind === 'onnx') return onnxBackbone(decoder);
+  if (disabledByEnv()) {
+    log(`backbone: onnx disabled by ${DISABLE_ORT_ENV}; using tfjs`);
+    return tfjsBackbone(decoder);
+  }
   try {
     return await onnxBackbone(decoder);
   } catch (e) {

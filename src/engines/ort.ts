@@ -35,7 +35,7 @@ export function setOrtLoaderForTests(l: Loader | null): void {
   probed = null;
 }
 
-function disabledByEnv(): boolean {
+export function disabledByEnv(): boolean {
   const v = process.env[DISABLE_ORT_ENV];
   return v !== undefined && /^(1|true|yes|on)$/i.test(v.trim());
 }
