@@ -228,7 +228,7 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
         step,
         heads: trainer.exportHeads(),
         optimizer: optState.tensors,
-        state: { step, epoch, next_batch: nextBatch, optimizer_step: optState.step, optimizer_layout: 'reference', engine: trainer.engine, config_hash: hash, train_tokens: trainTokens, base_model_config_sha256: folder.configHash, heads_shape: { num_heads: K, num_layers: c.heads.num_layers, lm_head: c.heads.lm_head, hidden_size: d, vocab_size: V }, created: new Date().toISOString() },
+        state: { step, epoch, next_batch: nextBatch, optimizer_step: optState.step, optimizer_layout: 'reference', engine: trainer.engine, config_hash: hash, base_model_path: path.resolve(modelDir), train_tokens: trainTokens, base_model_config_sha256: folder.configHash, heads_shape: { num_heads: K, num_layers: c.heads.num_layers, lm_head: c.heads.lm_head, hidden_size: d, vocab_size: V }, created: new Date().toISOString() },
       }, { keep: c.checkpoint.keep });
     };
     a.progress?.start(totalSteps, step);
