@@ -22,6 +22,9 @@ const ELEM: Record<ElemType, number> = {
   bool: onnx.TensorProto.DataType.BOOL,
 };
 
+/** Bytes per element of each type. */
+export const ELEM_BYTES: Record<ElemType, number> = { float32: 4, int64: 8, int32: 4, uint8: 1, bool: 1 };
+
 /** A dimension: a fixed size or a symbolic name (dynamic). */
 export type Dim = number | string;
 
@@ -64,6 +67,28 @@ export class GraphBuilder {
   /** A constant tensor stored in the model (weights). float32 data is written raw, little-endian. */
   initializer(name: string, type: ElemType, dims: number[], data: ArrayLike<number> | BigInt64Array): string {
     this.initializers.push(tensorProto(this.claim(name), type, dims, data));
+    return name;
+  }
+
+  /**
+   * A weight stored outside the model file (ONNX external data): the TensorProto carries name, type
+   * and dims, data_location = EXTERNAL and the external_data entries {location, offset, length}; the
+   * caller writes the bytes (raw little-endian) to `location`, a path relative to the model file.
+   */
+  externalInitializer(name: string, type: ElemType, dims: number[], ext: { location: string; offset: number; length: number }): string {
+    const n = dims.reduce((a, b) => a * b, 1);
+    const bytes = n * ELEM_BYTES[type];
+    if (ext.length !== bytes) fail('E_INTERNAL', `ONNX initializer ${name}: external length ${ext.length} bytes for dims [${dims}] (${bytes} bytes)`);
+    const entry = (key: string, value: string) => onnx.StringStringEntryProto.create({ key, value });
+    this.initializers.push(
+      onnx.TensorProto.create({
+        name: this.claim(name),
+        dataType: ELEM[type],
+        dims,
+        dataLocation: onnx.TensorProto.DataLocation.EXTERNAL,
+        externalData: [entry('location', ext.location), entry('offset', String(ext.offset)), entry('length', String(ext.length))],
+      }),
+    );
     return name;
   }
 
