@@ -18,6 +18,7 @@ import { createProgress } from './progress.js';
 import { loadTrainConfig } from './config.js';
 import { runMedusa1, formatMedusa1Summary } from './recipes/medusa1.js';
 import { runDemo } from './recipes/demo.js';
+import { runExport } from './recipes/export.js';
 import { ensureEmbeddedModel } from './model/tiny.js';
 import { PROMPT_FORMATS, type PromptFormat } from './data/prompts.js';
 import { VERSION } from './version.js';
@@ -226,6 +227,21 @@ export function buildProgram(io: Io = defaultIo): Command {
       const s = await withStopSignals(io, 'stopping after the current shard or step (rerun to resume)', (shouldStop) =>
         runDemo({ out: o.out, log: (line) => io.err(line), shouldStop, progress: (label, unit) => createProgress({ label, unit, isTTY: !!process.stderr.isTTY, log: (line) => io.err(line), enabled: o.progress }) }));
       io.out(s);
+    });
+
+  program
+    .command('export')
+    .description('Export trained heads to a runtime layout (medusa = reference/TGI/TensorRT-LLM, medusa-v2, vllm, onnx), verified before it reports success')
+    .requiredOption('--run <dir>', 'a run folder (its latest checkpoint), a checkpoint folder (checkpoints/step-N), or an export to convert')
+    .addOption(new Option('--format <target>', 'target layout').choices(['medusa', 'medusa-v2', 'vllm', 'onnx', 'hf']).makeOptionMandatory())
+    .requiredOption('--out <dir>', 'output folder (must not exist or be empty, unless --force)')
+    .addOption(new Option('--dtype <dtype>', "tensor dtype (default: the base model's)").choices(['f32', 'f16', 'bf16']))
+    .option('--base-model <dir>', "the base model folder, when the run's recorded one moved (its config.json must be unchanged)")
+    .option('--force', 'replace an existing output folder (only after the new export verified)')
+    .option('--json', 'print the report as JSON')
+    .action(async (o: { run: string; format: 'medusa' | 'medusa-v2' | 'vllm' | 'onnx' | 'hf'; out: string; dtype?: 'f32' | 'f16' | 'bf16'; baseModel?: string; force?: boolean; json?: boolean }) => {
+      const r = await runExport({ run: o.run, format: o.format, out: o.out, dtype: o.dtype, force: !!o.force, baseModel: o.baseModel, log: (line) => io.err(line) });
+      io.out(o.json ? JSON.stringify(r, null, 2) : `exported ${r.tensors} tensors (${r.dtype}) to ${r.out} in the ${r.format} layout: ${r.files.join(', ')}; verified on ${r.verifiedPositions} positions, max |logit difference| ${r.maxAbsDiff}`);
     });
 
   program
