@@ -19,6 +19,7 @@ import { loadTrainConfig } from './config.js';
 import { runMedusa1, formatMedusa1Summary } from './recipes/medusa1.js';
 import { runDemo } from './recipes/demo.js';
 import { runExport } from './recipes/export.js';
+import { runEval, formatEval } from './recipes/eval.js';
 import { ensureEmbeddedModel } from './model/tiny.js';
 import { PROMPT_FORMATS, type PromptFormat } from './data/prompts.js';
 import { VERSION } from './version.js';
@@ -242,6 +243,19 @@ export function buildProgram(io: Io = defaultIo): Command {
     .action(async (o: { run: string; format: 'medusa' | 'medusa-v2' | 'vllm' | 'onnx' | 'hf'; out: string; dtype?: 'f32' | 'f16' | 'bf16'; baseModel?: string; force?: boolean; json?: boolean }) => {
       const r = await runExport({ run: o.run, format: o.format, out: o.out, dtype: o.dtype, force: !!o.force, baseModel: o.baseModel, log: (line) => io.err(line) });
       io.out(o.json ? JSON.stringify(r, null, 2) : `exported ${r.tensors} tensors (${r.dtype}) to ${r.out} in the ${r.format} layout: ${r.files.join(', ')}; verified on ${r.verifiedPositions} positions, max |logit difference| ${r.maxAbsDiff}`);
+    });
+
+  program
+    .command('eval')
+    .description("Per-head accuracy of a trained run on held-out data, and candidate trees fitted to it (writes medusa_choices.json)")
+    .requiredOption('--run <dir>', 'the run folder (its latest checkpoint is evaluated)')
+    .option('--data <dir>', 'a distilled dataset to evaluate on, all of it (repeatable); default: the run\'s held-out split', collect, [] as string[])
+    .option('--budgets <list>', 'tree node budgets', (v: string) => v.split(',').map((x) => intArg('--budgets', 1, 1024)(x.trim())), [4, 8, 16, 32, 64])
+    .option('--choose <n>', 'budget written as medusa_choices.json (default: the largest)', intArg('--choose', 1, 1024))
+    .option('--json', 'print the report as JSON')
+    .action(async (o: { run: string; data: string[]; budgets: number[]; choose?: number; json?: boolean }) => {
+      const r = await runEval({ run: o.run, data: o.data, budgets: o.budgets, choose: o.choose, log: (line) => io.err(line) });
+      io.out(o.json ? JSON.stringify(r, null, 2) : formatEval(r));
     });
 
   program

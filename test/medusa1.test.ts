@@ -14,6 +14,8 @@ import { DatasetWriter, type DistilledRecord } from '../src/data/dataset.js';
 import { loadTrainConfig } from '../src/config.js';
 import { runMedusa1 } from '../src/recipes/medusa1.js';
 import { listCheckpoints } from '../src/train/checkpoint.js';
+import { runEval } from '../src/recipes/eval.js';
+import { validateChoices } from '../src/eval/tree.js';
 import { Rng } from '../src/model/sampling.js';
 import { readHeader, readTensor, writeSafetensors } from '../src/io/safetensors.js';
 
@@ -129,4 +131,21 @@ test('a dataset distilled from another model is refused', async () => {
   await structuredDataset(other, 4, { base_model_config_sha256: 'f'.repeat(64), tokenizer_sha256: (await loadTokenizer(model)).hash });
   const cfg = loadTrainConfig(null, [`model.path=${model}`, `data.train=${JSON.stringify([other])}`, `run.dir=${tmp}`, 'run.name=refused', 'model.backend=wasm']).config;
   await expect(runMedusa1({ config: cfg, commandLine: ['test'], resume: false, log: quiet })).rejects.toMatchObject({ code: 'E_CONFIG', message: expect.stringContaining('another model') });
+});
+
+test('eval: per-head accuracy of the trained run, trees per budget, medusa_choices.json', async () => {
+  const r = await runEval({ run: path.join(tmp, 'learn'), data: [], budgets: [2, 4, 8], log: quiet });
+  expect(r.heads).toHaveLength(3);
+  expect(r.heads[0].topk[0]).toBeGreaterThan(0.5);
+  for (const h of r.heads) for (let j = 1; j < 5; j++) expect(h.topk[j]).toBeGreaterThanOrEqual(h.topk[j - 1]);
+  const tps = r.trees.map((t) => t.expectedTokensPerStep);
+  expect(tps[1]).toBeGreaterThanOrEqual(tps[0]);
+  expect(tps[2]).toBeGreaterThanOrEqual(tps[1]);
+  expect(tps[0]).toBeGreaterThan(1.5);
+  const choices = JSON.parse(fs.readFileSync(path.join(tmp, 'learn', 'medusa_choices.json'), 'utf8'));
+  expect(choices).toEqual(r.chosen.choices);
+  expect(() => validateChoices(choices, { numHeads: 3, topk: 5, where: 'medusa_choices.json' })).not.toThrow();
+  // the expected value is the sum over nodes of the product of per-rank accuracies along the path
+  const expected = 1 + choices.reduce((acc: number, path: number[]) => acc + path.reduce((p: number, rank: number, depth: number) => p * r.perRank[depth][rank], 1), 0);
+  expect(r.chosen.expectedTokensPerStep).toBeCloseTo(expected, 10);
 });

@@ -64,6 +64,20 @@ export interface ForwardArgs {
   cache?: KVCache;
   /** Which logits to compute: every position, the last position of each row, or none. */
   logits: 'all' | 'last' | 'none';
+  /**
+   * Tree attention (Medusa verification; batch 1, no padding mask): the new tokens attend to every
+   * real cached entry (the sliding window still applies) plus the new tokens `mask` allows, and get
+   * the given position ids. The cache (if any) is extended with all new tokens, keyed by these
+   * positions; prune it afterwards with `keepCacheEntries`.
+   */
+  treeMask?: TreeMask;
+}
+
+export interface TreeMask {
+  /** [T, T] among the new tokens: mask[i*T + j] = 1 when query i may attend new token j. */
+  mask: Uint8Array;
+  /** [T] position ids of the new tokens. */
+  positions: Int32Array;
 }
 
 export interface ForwardResult {
@@ -91,6 +105,13 @@ export function decoderForward(model: Decoder, args: ForwardArgs): ForwardResult
     const id = args.ids[i];
     if (!Number.isInteger(id) || id < 0 || id >= c.vocabSize) fail('E_USAGE', `token id ${id} at index ${i} is outside the vocabulary [0, ${c.vocabSize})`);
   }
+  const tree = args.treeMask;
+  if (tree) {
+    if (B !== 1) fail('E_INTERNAL', `treeMask needs batch 1, got ${B}`);
+    if (args.mask) fail('E_INTERNAL', 'treeMask cannot be combined with a padding mask');
+    if (tree.mask.length !== T * T) fail('E_INTERNAL', `treeMask.mask has ${tree.mask.length} entries, expected ${T * T}`);
+    if (tree.positions.length !== T) fail('E_INTERNAL', `treeMask.positions has ${tree.positions.length} entries, expected ${T}`);
+  }
   const cache = args.cache ?? emptyCache(B);
   if (cache.batch !== B) fail('E_INTERNAL', `cache batch ${cache.batch} != batch ${B}`);
   const S = cache.length;
@@ -110,6 +131,12 @@ export function decoderForward(model: Decoder, args: ForwardArgs): ForwardResult
     }
     newKeyPos.push(rowPos);
   }
+  if (tree) {
+    for (let t = 0; t < T; t++) {
+      positions[t] = tree.positions[t];
+      newKeyPos[0][t] = tree.positions[t];
+    }
+  }
   // Grouped bias [B, nRep*T, L]: row r*T+i is query i (the same for every head of a kv group).
   const bias = new Float32Array(B * nRep * T * L);
   const window = c.slidingWindow;
@@ -121,7 +148,9 @@ export function decoderForward(model: Decoder, args: ForwardArgs): ForwardResult
       const row = (b * nRep * T + i) * L;
       for (let j = 0; j < L; j++) {
         const kp = keyPos[j];
-        const ok = kp >= 0 && j <= qIndex && (qPos < 0 || (kp <= qPos && (window === null || qPos - kp < window)));
+        const ok = tree
+          ? kp >= 0 && (j < S || tree.mask[i * T + (j - S)] !== 0) && kp <= qPos && (window === null || qPos - kp < window)
+          : kp >= 0 && j <= qIndex && (qPos < 0 || (kp <= qPos && (window === null || qPos - kp < window)));
         bias[row + j] = ok ? 0 : MASKED;
       }
       for (let r = 1; r < nRep; r++) bias.copyWithin(row + r * T * L, row, row + L);
@@ -213,6 +242,35 @@ export function decoderForward(model: Decoder, args: ForwardArgs): ForwardResult
   }
   assertEngineHealthy('the decoder forward');
   return { hidden: hiddenOut, logits: logitsOut };
+}
+
+/**
+ * Keep only the cached entries at `keep` (indexes into [0, cache.length), strictly ascending), e.g.
+ * the prefix plus the accepted nodes of a Medusa tree. nextPos becomes the last kept real position + 1.
+ */
+export function keepCacheEntries(cache: KVCache, keep: number[]): void {
+  for (let i = 0; i < keep.length; i++) {
+    const j = keep[i];
+    if (!Number.isInteger(j) || j < 0 || j >= cache.length || (i > 0 && j <= keep[i - 1])) {
+      fail('E_INTERNAL', `keepCacheEntries: index ${j} at ${i} is not ascending within [0, ${cache.length})`);
+    }
+  }
+  if (keep.length === cache.length) return; // ascending and in range: the identity
+  const idx = tf.tensor1d(Int32Array.from(keep), 'int32'); // [K]
+  const gather = (t: tf.Tensor4D): tf.Tensor4D => {
+    const g = tf.gather(t, idx, 2); // [B, nKV, K, hd]
+    t.dispose();
+    return g;
+  };
+  cache.k = cache.k.map(gather);
+  cache.v = cache.v.map(gather);
+  idx.dispose();
+  cache.length = keep.length;
+  for (let b = 0; b < cache.batch; b++) {
+    cache.keyPos[b] = keep.map((j) => cache.keyPos[b][j]);
+    const real = cache.keyPos[b].filter((p) => p >= 0);
+    cache.nextPos[b] = real.length > 0 ? real[real.length - 1] + 1 : 0;
+  }
 }
 
 /** RMSNorm over the last axis: x * rsqrt(mean(x^2) + eps) * w. */

@@ -1,0 +1,123 @@
+/**
+ * `medusa-train eval` (first part of issue #7): per-head top-1..5 accuracy of a trained run on held-out
+ * distilled data, the per-rank accuracy table, and sparse candidate trees fitted to it for several node
+ * budgets (expected tokens per step, assuming independent heads), written beside the run as
+ * `eval/accuracy.json`, `eval/trees.json` and `medusa_choices.json`.
+ *
+ * Not here yet: accuracy on live greedy decoding, and the measured tokens per step / wall-clock speedup
+ * of real Medusa decoding.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { fail } from '../errors.js';
+import { initBackend, type BackendChoice } from '../backend.js';
+import { loadTrainConfig } from '../config.js';
+import { loadDecoder } from '../model/load.js';
+import { disposeWeights } from '../model/weights.js';
+import { loadTokenizer } from '../data/tokenizer.js';
+import { loadExamples, padBatch, splitEval } from '../data/batches.js';
+import { latestCheckpoint, loadCheckpoint } from '../train/checkpoint.js';
+import { createHeadsTrainer } from '../engines/heads-trainer.js';
+import { chooseBackbone } from '../engines/decoder-engine.js';
+import { budgetCurve, type MedusaChoices } from '../eval/tree.js';
+import { TOPK_REPORTED } from '../train/heads-loss.js';
+import { writeFileAtomic } from '../io/atomic.js';
+
+export interface EvalArgs {
+  run: string;
+  /** Datasets to evaluate on (all their conversations); default: the run's own held-out split. */
+  data: string[];
+  budgets: number[];
+  /** Budget whose tree is written as medusa_choices.json (default: the largest). */
+  choose?: number;
+  log: (line: string) => void;
+}
+
+export interface EvalReport {
+  run: string;
+  checkpoint: string;
+  conversations: number;
+  heads: { valid: number; topk: number[]; loss: number }[];
+  /** acc[k][r]: fraction of positions where head k's label has rank exactly r (r < 5). */
+  perRank: number[][];
+  trees: { budget: number; expectedTokensPerStep: number; nodes: number }[];
+  chosen: { budget: number; expectedTokensPerStep: number; choices: MedusaChoices; file: string };
+}
+
+export async function runEval(a: EvalArgs): Promise<EvalReport> {
+  // --- setup: the run's config, checkpoint, model, data ---
+  const ckDir = latestCheckpoint(a.run);
+  if (!ckDir) fail('E_IO', `${a.run} has no checkpoint (checkpoints/step-N); train first or pass a run folder.`);
+  const { config: c } = loadTrainConfig(path.join(a.run, 'config.yaml'), []);
+  const ck = loadCheckpoint(ckDir);
+  const modelDir = typeof ck.state['base_model_path'] === 'string' ? (ck.state['base_model_path'] as string) : c.model.path;
+  if (!modelDir) fail('E_CONFIG', `${ckDir}/state.json records no base model folder; retrain with this version.`);
+  await initBackend(c.model.backend as BackendChoice);
+  const { decoder, folder } = loadDecoder(modelDir);
+  const cleanup: (() => void)[] = [() => disposeWeights(decoder.weights)];
+  try {
+    if (ck.state['base_model_config_sha256'] !== folder.configHash) fail('E_CONFIG', `${modelDir}/config.json changed since ${ckDir} was trained (sha256 differs); evaluate against the base model the heads were trained on.`);
+    const tokenizer = await loadTokenizer(modelDir);
+    const loaded = loadExamples(a.data.length > 0 ? a.data : c.data.train, { maxSeqLen: c.data.max_seq_len });
+    const examples = a.data.length > 0 ? loaded.examples : splitEval(loaded.examples, { fraction: c.data.eval_fraction, max: c.data.eval_max, seed: c.run.seed }).eval;
+    if (examples.length === 0) fail('E_CONFIG', `no evaluation conversations: the run holds none out (data.eval_fraction ${c.data.eval_fraction}); pass --data <distilled dataset>.`);
+    const K = c.heads.num_heads;
+    const d = decoder.config.hiddenSize;
+    const V = decoder.config.vocabSize;
+    const backbone = await chooseBackbone(c.model.engine, decoder, a.log);
+    cleanup.push(() => backbone.dispose());
+    const lmHeadT = decoder.weights.lmHead.dataSync() as Float32Array; // [d, V]
+    const baseLmHead = new Float32Array(V * d); // [V, d]
+    for (let i = 0; i < d; i++) for (let j = 0; j < V; j++) baseLmHead[j * d + i] = lmHeadT[i * V + j];
+    const trainer = await createHeadsTrainer(c.model.engine, {
+      shape: { numHeads: K, numLayers: c.heads.num_layers, hiddenSize: d, vocabSize: V, lmHead: c.heads.lm_head }, baseLmHead, seed: 0,
+      betas: c.train.betas as [number, number], eps: c.train.eps, weightDecay: 0, decay: c.loss.decay, headsCoefficient: c.loss.heads_coefficient, chunkRows: c.loss.chunk_rows, maxGradNorm: null,
+    });
+    cleanup.push(() => trainer.dispose());
+    trainer.importHeads(ck.heads, ckDir);
+    // --- run: accuracy over the evaluation conversations ---
+    const padId = decoder.config.padTokenId ?? tokenizer.padId ?? 0;
+    const ceSum = new Array<number>(K).fill(0);
+    const valid = new Array<number>(K).fill(0);
+    const correct = Array.from({ length: K }, () => new Array<number>(TOPK_REPORTED).fill(0));
+    for (let s = 0; s < examples.length; s += c.data.batch_size) {
+      const idx = Array.from({ length: Math.min(c.data.batch_size, examples.length - s) }, (_, i) => s + i);
+      const pb = padBatch(examples, idx, padId);
+      const { hidden } = await backbone.forward({ ids: pb.ids, batch: pb.B, seqLen: pb.T, mask: pb.attention, logits: 'none' });
+      const m = await trainer.evaluate({ hidden, ids: pb.ids, lossMask: pb.lossMask, lengths: pb.lengths, T: pb.T });
+      m.ceSum.forEach((v, k) => (ceSum[k] += v));
+      m.valid.forEach((v, k) => (valid[k] += v));
+      m.correct.forEach((row, k) => row.forEach((v, j) => (correct[k][j] += v)));
+    }
+    const heads = valid.map((n, k) => ({ valid: n, topk: correct[k].map((x) => (n > 0 ? x / n : 0)), loss: n > 0 ? ceSum[k] / n : NaN }));
+    const perRank = heads.map((h) => h.topk.map((x, r) => Math.max(0, x - (r > 0 ? h.topk[r - 1] : 0))));
+    // --- trees for each budget; the chosen one becomes medusa_choices.json ---
+    const budgets = [...new Set(a.budgets)].sort((x, y) => x - y);
+    const curve = budgetCurve({ acc: perRank }, { budgets, numHeads: K, topk: TOPK_REPORTED });
+    const target = a.choose ?? budgets[budgets.length - 1];
+    const chosen = curve.find((t) => t.budget === target) ?? curve[curve.length - 1];
+    const evalDir = path.join(a.run, 'eval');
+    fs.mkdirSync(evalDir, { recursive: true });
+    const json = (file: string, v: unknown): void => writeFileAtomic(file, [Buffer.from(`${JSON.stringify(v, null, 2)}\n`)]);
+    json(path.join(evalDir, 'accuracy.json'), { checkpoint: ckDir, conversations: examples.length, heads, per_rank: perRank });
+    json(path.join(evalDir, 'trees.json'), curve);
+    const choicesFile = path.join(a.run, 'medusa_choices.json');
+    json(choicesFile, chosen.choices);
+    return {
+      run: a.run, checkpoint: ckDir, conversations: examples.length, heads, perRank,
+      trees: curve.map((t) => ({ budget: t.budget, expectedTokensPerStep: t.expectedTokensPerStep, nodes: t.choices.length })),
+      chosen: { budget: chosen.budget, expectedTokensPerStep: chosen.expectedTokensPerStep, choices: chosen.choices, file: choicesFile },
+    };
+  } finally {
+    for (const f of cleanup.reverse()) f();
+  }
+}
+
+export function formatEval(r: EvalReport): string {
+  const lines = [`${r.run} (${r.checkpoint}), ${r.conversations} evaluation conversations`, 'head  positions  loss     top-1   top-2   top-3   top-4   top-5'];
+  r.heads.forEach((h, k) => lines.push(`${String(k).padEnd(6)}${String(h.valid).padEnd(11)}${h.loss.toFixed(4).padEnd(9)}${h.topk.map((x) => `${(100 * x).toFixed(1)}%`.padEnd(8)).join('')}`));
+  lines.push('tree budget -> expected tokens per step (independent heads):');
+  for (const t of r.trees) lines.push(`  ${String(t.budget).padStart(4)} nodes requested, ${String(t.nodes).padStart(4)} used: ${t.expectedTokensPerStep.toFixed(3)}`);
+  lines.push(`medusa_choices (${r.chosen.choices.length} nodes, expected ${r.chosen.expectedTokensPerStep.toFixed(3)} tokens/step): ${r.chosen.file}`);
+  return lines.join('\n');
+}
