@@ -252,9 +252,11 @@ export function buildProgram(io: Io = defaultIo): Command {
     .option('--data <dir>', 'a distilled dataset to evaluate on, all of it (repeatable); default: the run\'s held-out split', collect, [] as string[])
     .option('--budgets <list>', 'tree node budgets', (v: string) => v.split(',').map((x) => intArg('--budgets', 1, 1024)(x.trim())), [4, 8, 16, 32, 64])
     .option('--choose <n>', 'budget written as medusa_choices.json (default: the largest)', intArg('--choose', 1, 1024))
+    .option('--speed <prompts>', 'also measure Medusa greedy decoding against plain greedy decoding on this many prompts', intArg('--speed', 1, 100000))
+    .option('--new-tokens <n>', 'tokens generated per prompt for --speed', intArg('--new-tokens', 1, 100000), 64)
     .option('--json', 'print the report as JSON')
-    .action(async (o: { run: string; data: string[]; budgets: number[]; choose?: number; json?: boolean }) => {
-      const r = await runEval({ run: o.run, data: o.data, budgets: o.budgets, choose: o.choose, log: (line) => io.err(line) });
+    .action(async (o: { run: string; data: string[]; budgets: number[]; choose?: number; speed?: number; newTokens: number; json?: boolean }) => {
+      const r = await runEval({ run: o.run, data: o.data, budgets: o.budgets, choose: o.choose, speedPrompts: o.speed, speedNewTokens: o.newTokens, log: (line) => io.err(line) });
       io.out(o.json ? JSON.stringify(r, null, 2) : formatEval(r));
     });
 

@@ -186,5 +186,16 @@ describe('train and demo through the CLI', () => {
     expect(again.code).toBe(0);
     expect(again.out).toContain('generated 0 tokens this run');
     expect(again.err).toMatch(/resumed from .*step-\d+/);
+    // eval with real Medusa decoding on the demo run: the heads learned the model's own (repetitive) greedy output
+    const ev = await run('eval', '--run', path.join(out, 'medusa1'), '--budgets', '4,8', '--speed', '3', '--new-tokens', '24', '--json');
+    expect(ev.code).toBe(0);
+    const rep = JSON.parse(ev.out);
+    for (const row of rep.speed.rows) {
+      expect(row.sameTokens).toBe(true); // Medusa greedy == plain greedy
+      expect(row.measuredTokensPerStep).toBeGreaterThan(1.5);
+      // stated tolerance: measured within 0.5 tokens/step of the tree search's expectation (independent heads assumed)
+      expect(Math.abs(row.measuredTokensPerStep - row.expectedTokensPerStep)).toBeLessThan(0.5);
+    }
+    expect(fs.existsSync(path.join(out, 'medusa1', 'medusa_choices.json'))).toBe(true);
   }, 120_000);
 });

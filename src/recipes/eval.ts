@@ -4,8 +4,9 @@
  * budgets (expected tokens per step, assuming independent heads), written beside the run as
  * `eval/accuracy.json`, `eval/trees.json` and `medusa_choices.json`.
  *
- * Not here yet: accuracy on live greedy decoding, and the measured tokens per step / wall-clock speedup
- * of real Medusa decoding.
+ * With --speed N it also runs real Medusa greedy decoding (tfjs engine, batch 1) against plain greedy
+ * decoding on N held-out prompts, per tree: measured tokens per step, tokens/s and speedup.
+ * Not here yet: accuracy on live greedy decoding, the onnx engine for Medusa decoding, typical acceptance.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -21,6 +22,9 @@ import { createHeadsTrainer } from '../engines/heads-trainer.js';
 import { chooseBackbone } from '../engines/decoder-engine.js';
 import { budgetCurve, type MedusaChoices } from '../eval/tree.js';
 import { TOPK_REPORTED } from '../train/heads-loss.js';
+import { disposeHeads, importHeads, initHeads } from '../model/heads.js';
+import { generate } from '../model/generate.js';
+import { medusaGenerateGreedy } from '../eval/medusa-decode.js';
 import { writeFileAtomic } from '../io/atomic.js';
 
 export interface EvalArgs {
@@ -30,7 +34,21 @@ export interface EvalArgs {
   budgets: number[];
   /** Budget whose tree is written as medusa_choices.json (default: the largest). */
   choose?: number;
+  /** Also measure real Medusa decoding (greedy, tfjs, batch 1) against plain greedy decoding on this many prompts. */
+  speedPrompts?: number;
+  speedNewTokens?: number;
   log: (line: string) => void;
+}
+
+export interface SpeedRow {
+  budget: number;
+  nodes: number;
+  expectedTokensPerStep: number;
+  measuredTokensPerStep: number;
+  tokensPerSecond: number;
+  speedup: number;
+  /** Medusa greedy output equal to plain greedy output on every prompt. */
+  sameTokens: boolean;
 }
 
 export interface EvalReport {
@@ -42,6 +60,7 @@ export interface EvalReport {
   perRank: number[][];
   trees: { budget: number; expectedTokensPerStep: number; nodes: number }[];
   chosen: { budget: number; expectedTokensPerStep: number; choices: MedusaChoices; file: string };
+  speed: { prompts: number; newTokens: number; plainTokensPerSecond: number; rows: SpeedRow[] } | null;
 }
 
 export async function runEval(a: EvalArgs): Promise<EvalReport> {
@@ -103,10 +122,49 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
     json(path.join(evalDir, 'trees.json'), curve);
     const choicesFile = path.join(a.run, 'medusa_choices.json');
     json(choicesFile, chosen.choices);
+    // --- optional: measured Medusa decoding against plain greedy decoding ---
+    let speed: EvalReport['speed'] = null;
+    if (a.speedPrompts && a.speedPrompts > 0) {
+      const heads = initHeads({ numHeads: K, numLayers: c.heads.num_layers, hiddenSize: d, vocabSize: V, lmHead: c.heads.lm_head }, decoder.weights.lmHead, 0);
+      cleanup.push(() => disposeHeads(heads));
+      importHeads(heads, ck.heads, ckDir);
+      const eosIds = [...new Set([...decoder.config.eosTokenIds, ...tokenizer.eosIds])];
+      const newTokens = a.speedNewTokens ?? 64;
+      // prompts: each conversation up to its first generated token
+      const prompts = examples.slice(0, a.speedPrompts).map((e) => Array.from(e.inputIds.subarray(0, Math.max(1, e.lossMask.indexOf(1)))));
+      // warm-up (JIT, kernel caches) so the first timed configuration is not penalised
+      generate(decoder, [prompts[0]], { maxNewTokens: 4, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds, padId });
+      medusaGenerateGreedy(decoder, heads, prompts[0], { choices: curve[0].choices, topk: TOPK_REPORTED, maxNewTokens: 4, eosIds });
+      const t0 = performance.now();
+      const plain = prompts.map((p) => generate(decoder, [p], { maxNewTokens: newTokens, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds, padId }).tokens[0]);
+      const plainSeconds = (performance.now() - t0) / 1000;
+      const plainTokens = plain.reduce((x, t) => x + t.length, 0);
+      const rows: SpeedRow[] = [];
+      for (const t of curve) {
+        const t1 = performance.now();
+        let steps = 0;
+        let tokens = 0;
+        let same = true;
+        prompts.forEach((p, i) => {
+          const r = medusaGenerateGreedy(decoder, heads, p, { choices: t.choices, topk: TOPK_REPORTED, maxNewTokens: newTokens, eosIds });
+          steps += r.steps;
+          tokens += r.tokens.length;
+          if (r.tokens.join(',') !== plain[i].join(',')) same = false;
+        });
+        const secs = (performance.now() - t1) / 1000;
+        rows.push({
+          budget: t.budget, nodes: t.choices.length, expectedTokensPerStep: t.expectedTokensPerStep, measuredTokensPerStep: tokens / steps,
+          tokensPerSecond: tokens / secs, speedup: tokens / secs / (plainTokens / plainSeconds), sameTokens: same,
+        });
+      }
+      speed = { prompts: prompts.length, newTokens, plainTokensPerSecond: plainTokens / plainSeconds, rows };
+      json(path.join(evalDir, 'speed.json'), speed);
+    }
     return {
       run: a.run, checkpoint: ckDir, conversations: examples.length, heads, perRank,
       trees: curve.map((t) => ({ budget: t.budget, expectedTokensPerStep: t.expectedTokensPerStep, nodes: t.choices.length })),
       chosen: { budget: chosen.budget, expectedTokensPerStep: chosen.expectedTokensPerStep, choices: chosen.choices, file: choicesFile },
+      speed,
     };
   } finally {
     for (const f of cleanup.reverse()) f();
@@ -119,5 +177,9 @@ export function formatEval(r: EvalReport): string {
   lines.push('tree budget -> expected tokens per step (independent heads):');
   for (const t of r.trees) lines.push(`  ${String(t.budget).padStart(4)} nodes requested, ${String(t.nodes).padStart(4)} used: ${t.expectedTokensPerStep.toFixed(3)}`);
   lines.push(`medusa_choices (${r.chosen.choices.length} nodes, expected ${r.chosen.expectedTokensPerStep.toFixed(3)} tokens/step): ${r.chosen.file}`);
+  if (r.speed) {
+    lines.push(`Medusa greedy decoding vs plain greedy (tfjs, batch 1, ${r.speed.prompts} prompts x ${r.speed.newTokens} tokens; plain ${r.speed.plainTokensPerSecond.toFixed(1)} tok/s):`);
+    for (const x of r.speed.rows) lines.push(`  budget ${String(x.budget).padStart(4)} (${x.nodes} nodes): tokens/step expected ${x.expectedTokensPerStep.toFixed(2)}, measured ${x.measuredTokensPerStep.toFixed(2)}; ${x.tokensPerSecond.toFixed(1)} tok/s, speedup ${x.speedup.toFixed(2)}x${x.sameTokens ? '' : '  (OUTPUT DIFFERS FROM PLAIN GREEDY)'}`);
+  }
   return lines.join('\n');
 }
