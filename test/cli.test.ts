@@ -5,6 +5,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { spawnSync } from 'node:child_process';
 import { run, type Run } from './helpers/cli.js';
 import { writeSafetensors, readHeader, readTensor } from '../src/io/safetensors.js';
 import { DECODER_FIXTURES } from './helpers/golden.js';
@@ -198,4 +199,11 @@ describe('train and demo through the CLI', () => {
     }
     expect(fs.existsSync(path.join(out, 'medusa1', 'medusa_choices.json'))).toBe(true);
   }, 120_000);
+});
+
+test('the built bin (dist/src/cli.js, what `npx medusa-train` runs) is executable and answers', () => {
+  const r = spawnSync(path.resolve('dist/src/cli.js'), ['--version'], { encoding: 'utf8', env: { ...process.env, MEDUSA_TRAIN_NO_REEXEC: '1' } });
+  expect(r.error).toBeUndefined();
+  expect(r.status).toBe(0);
+  expect(r.stdout.trim()).toMatch(/^\d+\.\d+\.\d+$/);
 });
