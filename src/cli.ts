@@ -99,15 +99,16 @@ export function buildProgram(io: Io = defaultIo): Command {
     .option('--seed <n>', 'random seed for sampling', intArg('--seed', 0, 2 ** 32 - 1), 0)
     .option('--no-eos', 'do not stop at end-of-sequence tokens')
     .addOption(new Option('--backbone-engine <name>', 'who runs the model (auto = onnxruntime when it loads, else tfjs)').choices(['auto', 'tfjs', 'onnx']).default('auto'))
+    .option('--medusa <run>', "decode with a training run's Medusa heads and its medusa_choices.json (greedy, --temperature 0)")
     .option('--json', 'print JSON')
     .addOption(backendOption())
-    .action(async (o: { model?: string; prompt: string[]; promptFile?: string; chat?: boolean; system?: string; maxNewTokens: number; temperature: number; topP: number; topK: number; seed: number; eos: boolean; backboneEngine: 'auto' | 'tfjs' | 'onnx'; json?: boolean; backend: BackendChoice }) => {
+    .action(async (o: { medusa?: string; model?: string; prompt: string[]; promptFile?: string; chat?: boolean; system?: string; maxNewTokens: number; temperature: number; topP: number; topK: number; seed: number; eos: boolean; backboneEngine: 'auto' | 'tfjs' | 'onnx'; json?: boolean; backend: BackendChoice }) => {
       await selectBackend(o.backend, io, !!o.json);
       const prompts = [...o.prompt];
       if (o.promptFile) prompts.push(...readPromptFile(o.promptFile));
       const r = await runGenerate({
         model: o.model, prompts, chat: !!o.chat, system: o.system, maxNewTokens: o.maxNewTokens,
-        temperature: o.temperature, topP: o.topP, topK: o.topK, seed: o.seed, stopAtEos: o.eos, backboneEngine: o.backboneEngine,
+        temperature: o.temperature, topP: o.topP, topK: o.topK, seed: o.seed, stopAtEos: o.eos, backboneEngine: o.backboneEngine, medusa: o.medusa,
         log: (s) => { if (!o.json) io.err(s); },
       });
       io.out(o.json ? JSON.stringify(r, null, 2) : formatGenerate(r));

@@ -198,6 +198,14 @@ describe('train and demo through the CLI', () => {
       expect(Math.abs(row.measuredTokensPerStep - row.expectedTokensPerStep)).toBeLessThan(0.5);
     }
     expect(fs.existsSync(path.join(out, 'medusa1', 'medusa_choices.json'))).toBe(true);
+    // generate --medusa gives plain greedy's tokens in fewer steps
+    const gm = JSON.parse((await run('generate', '--medusa', path.join(out, 'medusa1'), '--chat', '--prompt', 'Tell me about bees.', '--max-new-tokens', '20', '--json')).out);
+    const gp = JSON.parse((await run('generate', '--chat', '--prompt', 'Tell me about bees.', '--max-new-tokens', '20', '--json')).out);
+    expect(gm.outputs[0].tokens).toEqual(gp.outputs[0].tokens);
+    expect(gm.medusa.tokensPerStep).toBeGreaterThan(1.5);
+    // heads trained on another base model are refused
+    const other = await run('generate', '--model', path.join(tmp, 'tiny-qwen3'), '--medusa', path.join(out, 'medusa1'), '--prompt', 'hi');
+    expectCleanError(other, 'E_CONFIG', 'another base model');
   }, 120_000);
 });
 
