@@ -203,6 +203,13 @@ describe('train and demo through the CLI', () => {
     const gp = JSON.parse((await run('generate', '--chat', '--prompt', 'Tell me about bees.', '--max-new-tokens', '20', '--json')).out);
     expect(gm.outputs[0].tokens).toEqual(gp.outputs[0].tokens);
     expect(gm.medusa.tokensPerStep).toBeGreaterThan(1.5);
+    // the calibrated tree travels with the export, and through a conversion
+    const ex = await run('export', '--run', path.join(out, 'medusa1'), '--format', 'medusa', '--out', path.join(out, 'export-medusa'));
+    expect(ex.code).toBe(0);
+    const tree = JSON.parse(fs.readFileSync(path.join(out, 'medusa1', 'medusa_choices.json'), 'utf8'));
+    expect(JSON.parse(fs.readFileSync(path.join(out, 'export-medusa', 'medusa_choices.json'), 'utf8'))).toEqual(tree);
+    expect((await run('export', '--run', path.join(out, 'export-medusa'), '--format', 'vllm', '--out', path.join(out, 'export-vllm'))).code).toBe(0);
+    expect(JSON.parse(fs.readFileSync(path.join(out, 'export-vllm', 'medusa_choices.json'), 'utf8'))).toEqual(tree);
     // heads trained on another base model are refused
     const other = await run('generate', '--model', path.join(tmp, 'tiny-qwen3'), '--medusa', path.join(out, 'medusa1'), '--prompt', 'hi');
     expectCleanError(other, 'E_CONFIG', 'another base model');

@@ -10,6 +10,7 @@
  * hidden states; only then is the folder renamed into place (an existing one, with `force`, is
  * replaced at that moment). A failure at any point leaves no folder under `out`'s name.
  */
+import { TREE_LIMITS, validateChoices, type MedusaChoices } from '../eval/tree.js';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createHash } from 'node:crypto';
@@ -191,6 +192,29 @@ function checkpointRecipe(state: Record<string, unknown>, ckDir: string): string
     /* no run config beside the checkpoint */
   }
   return 'medusa1';
+}
+
+/** The calibrated candidate tree written by `medusa-train eval`, shipped beside the heads (runtimes take it as medusa_choices). */
+export const CHOICES_FILE = 'medusa_choices.json';
+
+/** The tree of the run a checkpoint belongs to (<run>/medusa_choices.json), or of an imported heads folder. */
+function findChoices(src: Source): { file: string; choices: MedusaChoices } | null {
+  const candidates = src.kind === 'checkpoint'
+    ? [path.join(src.protect, CHOICES_FILE), path.join(src.dir, '..', '..', CHOICES_FILE)]
+    : [path.join(src.dir, CHOICES_FILE)];
+  for (const file of candidates) {
+    if (!fs.existsSync(file)) continue;
+    const choices = readJsonFile(file) as MedusaChoices;
+    validateChoices(choices, { numHeads: src.shape.numHeads, topk: TREE_LIMITS.maxRank, where: file });
+    return { file, choices };
+  }
+  return null;
+}
+
+function checkChoicesFile(dir: string, files: string[], numHeads: number): void {
+  if (!files.includes(CHOICES_FILE)) return;
+  const file = path.join(dir, CHOICES_FILE);
+  validateChoices(readJsonFile(file) as MedusaChoices, { numHeads, topk: TREE_LIMITS.maxRank, where: file });
 }
 
 function openCheckpoint(ckDir: string, runDir: string | null): Source {
@@ -610,7 +634,8 @@ export async function verifyExport(dir: string, format: Exclude<ExportFormat, 'h
     const modelFile = path.join(dir, ONNX_FILE);
     const external = files.includes(`${ONNX_FILE}.data`);
     for (const f of [CONFIG_FILE, ONNX_FILE]) if (!files.includes(f)) problems.push(`${path.join(dir, f)} is missing`);
-    for (const f of files) if (![CONFIG_FILE, ONNX_FILE, `${ONNX_FILE}.data`].includes(f)) problems.push(`unexpected file ${path.join(dir, f)}`);
+    for (const f of files) if (![CONFIG_FILE, ONNX_FILE, `${ONNX_FILE}.data`, CHOICES_FILE].includes(f)) problems.push(`unexpected file ${path.join(dir, f)}`);
+    checkChoicesFile(dir, files, s.numHeads);
     if (problems.length > 0) verifyFail(dir, problems);
     const cfgFile = path.join(dir, CONFIG_FILE);
     problems.push(...checkLayoutConfigGeneric(readJsonFile(cfgFile), onnxConfig(m, s, o.baseModelName, external), cfgFile));
@@ -629,7 +654,8 @@ export async function verifyExport(dir: string, format: Exclude<ExportFormat, 'h
   const dtype = DTYPE_OF[o.dtype];
   const weightsName = LAYOUT_WEIGHTS_FILE[layout];
   for (const f of [CONFIG_FILE, weightsName]) if (!files.includes(f)) problems.push(`${path.join(dir, f)} is missing`);
-  for (const f of files) if (f !== CONFIG_FILE && f !== weightsName) problems.push(`unexpected file ${path.join(dir, f)}`);
+  for (const f of files) if (f !== CONFIG_FILE && f !== weightsName && f !== CHOICES_FILE) problems.push(`unexpected file ${path.join(dir, f)}`);
+  checkChoicesFile(dir, files, s.numHeads);
   if (problems.length > 0) verifyFail(dir, problems);
 
   const cfgFile = path.join(dir, CONFIG_FILE);
@@ -869,6 +895,11 @@ export async function runExport(a: ExportArgs): Promise<ExportReport> {
       writeSafetensors(path.join(tmp, LAYOUT_WEIGHTS_FILE[layout]), write, metadata);
       writeJson(path.join(tmp, CONFIG_FILE), layoutConfig(layout, s, baseModelName ?? ''));
       tensors = rows.length;
+    }
+    const tree = findChoices(src);
+    if (tree) {
+      writeJson(path.join(tmp, CHOICES_FILE), tree.choices);
+      a.log(`export: candidate tree ${tree.file} (${tree.choices.length} nodes) -> ${CHOICES_FILE}`);
     }
     fsyncDir(tmp);
 
