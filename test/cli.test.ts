@@ -198,6 +198,9 @@ describe('train and demo through the CLI', () => {
       expect(Math.abs(row.measuredTokensPerStep - row.expectedTokensPerStep)).toBeLessThan(0.5);
     }
     expect(fs.existsSync(path.join(out, 'medusa1', 'medusa_choices.json'))).toBe(true);
+    const svg = fs.readFileSync(path.join(out, 'medusa1', 'eval', 'speed.svg'), 'utf8');
+    expect(svg.startsWith('<svg')).toBe(true);
+    for (const label of ['expected tokens/step', 'measured tokens/step', 'wall-clock speedup', 'tree nodes (budget)']) expect(svg).toContain(label);
     // generate --medusa gives plain greedy's tokens in fewer steps
     const gm = JSON.parse((await run('generate', '--medusa', path.join(out, 'medusa1'), '--chat', '--prompt', 'Tell me about bees.', '--max-new-tokens', '20', '--json')).out);
     const gp = JSON.parse((await run('generate', '--chat', '--prompt', 'Tell me about bees.', '--max-new-tokens', '20', '--json')).out);
@@ -211,7 +214,8 @@ describe('train and demo through the CLI', () => {
     expect((await run('export', '--run', path.join(out, 'export-medusa'), '--format', 'vllm', '--out', path.join(out, 'export-vllm'))).code).toBe(0);
     expect(JSON.parse(fs.readFileSync(path.join(out, 'export-vllm', 'medusa_choices.json'), 'utf8'))).toEqual(tree);
     // heads trained on another base model are refused
-    const other = await run('generate', '--model', path.join(tmp, 'tiny-qwen3'), '--medusa', path.join(out, 'medusa1'), '--prompt', 'hi');
+    expect((await run('tiny', '--out', path.join(tmp, 'other-base'), '--arch', 'qwen3')).code).toBe(0);
+    const other = await run('generate', '--model', path.join(tmp, 'other-base'), '--medusa', path.join(out, 'medusa1'), '--prompt', 'hi');
     expectCleanError(other, 'E_CONFIG', 'another base model');
   }, 120_000);
 });

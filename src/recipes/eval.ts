@@ -26,6 +26,7 @@ import { disposeHeads, importHeads, initHeads } from '../model/heads.js';
 import { generate } from '../model/generate.js';
 import { medusaGenerateGreedy } from '../eval/medusa-decode.js';
 import { writeFileAtomic } from '../io/atomic.js';
+import { lineChartSvg } from '../report/chart.js';
 
 export interface EvalArgs {
   run: string;
@@ -159,6 +160,16 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
       }
       speed = { prompts: prompts.length, newTokens, plainTokensPerSecond: plainTokens / plainSeconds, rows };
       json(path.join(evalDir, 'speed.json'), speed);
+      // chart: tokens per step (expected and measured) and wall-clock speedup against the tree's size
+      const svg = await lineChartSvg({
+        title: 'Medusa decoding against tree size', xTitle: 'tree nodes (budget)', yTitle: 'tokens per step / speedup', ordinalX: true,
+        series: [
+          { name: 'expected tokens/step', points: rows.map((r) => ({ x: r.budget, y: r.expectedTokensPerStep })) },
+          { name: 'measured tokens/step', points: rows.map((r) => ({ x: r.budget, y: r.measuredTokensPerStep })) },
+          { name: 'wall-clock speedup', points: rows.map((r) => ({ x: r.budget, y: r.speedup })) },
+        ],
+      });
+      writeFileAtomic(path.join(evalDir, 'speed.svg'), [Buffer.from(svg)]);
     }
     return {
       run: a.run, checkpoint: ckDir, conversations: examples.length, heads, perRank,
@@ -178,7 +189,7 @@ export function formatEval(r: EvalReport): string {
   for (const t of r.trees) lines.push(`  ${String(t.budget).padStart(4)} nodes requested, ${String(t.nodes).padStart(4)} used: ${t.expectedTokensPerStep.toFixed(3)}`);
   lines.push(`medusa_choices (${r.chosen.choices.length} nodes, expected ${r.chosen.expectedTokensPerStep.toFixed(3)} tokens/step): ${r.chosen.file}`);
   if (r.speed) {
-    lines.push(`Medusa greedy decoding vs plain greedy (tfjs, batch 1, ${r.speed.prompts} prompts x ${r.speed.newTokens} tokens; plain ${r.speed.plainTokensPerSecond.toFixed(1)} tok/s):`);
+    lines.push(`Medusa greedy decoding vs plain greedy (tfjs, batch 1, ${r.speed.prompts} prompts x ${r.speed.newTokens} tokens; plain ${r.speed.plainTokensPerSecond.toFixed(1)} tok/s; chart: ${path.join(r.run, 'eval', 'speed.svg')}):`);
     for (const x of r.speed.rows) lines.push(`  budget ${String(x.budget).padStart(4)} (${x.nodes} nodes): tokens/step expected ${x.expectedTokensPerStep.toFixed(2)}, measured ${x.measuredTokensPerStep.toFixed(2)}; ${x.tokensPerSecond.toFixed(1)} tok/s, speedup ${x.speedup.toFixed(2)}x${x.sameTokens ? '' : '  (OUTPUT DIFFERS FROM PLAIN GREEDY)'}`);
   }
   return lines.join('\n');
