@@ -1,7 +1,8 @@
 /**
  * Medusa decoding (tree attention + greedy acceptance) on the tfjs engine: the output must equal
  * plain greedy decoding token for token, whatever the heads propose; perfect proposals are all
- * accepted; the tree-attention forward and cache pruning equal plain forwards.
+ * accepted; the tree-attention forward and cache pruning equal plain forwards. The same on any
+ * Backbone (`medusaGenerateGreedyOn`), checked on the onnx engine.
  */
 import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
@@ -12,7 +13,8 @@ import { generate } from '../src/model/generate.js';
 import { disposeHeads, initHeads, type MedusaHeads } from '../src/model/heads.js';
 import { Rng } from '../src/model/sampling.js';
 import { disposeWeights } from '../src/model/weights.js';
-import { medusaGenerateGreedy } from '../src/eval/medusa-decode.js';
+import { medusaGenerateGreedy, medusaGenerateGreedyOn } from '../src/eval/medusa-decode.js';
+import { onnxBackbone, tfjsBackbone, type Backbone } from '../src/engines/decoder-engine.js';
 import { treeBuffers } from '../src/eval/tree.js';
 import { DECODER_FIXTURES, maxAbsDiff } from './helpers/golden.js';
 
@@ -196,4 +198,121 @@ test('rejects a tree deeper than the heads, and ranks beyond topk', () => {
   expect(() => medusaGenerateGreedy(model, heads, [1, 2], { choices: [[0], [3]], topk: 2, maxNewTokens: 4, eosIds: [] })).toThrow();
   disposeHeads(heads);
   disposeWeights(model.weights);
+});
+
+describe.each(MODELS)('%s on a Backbone', (variant) => {
+  let model: Decoder;
+  let bb: Backbone;
+  beforeAll(async () => {
+    model = loadDecoder(path.join(DECODER_FIXTURES, variant)).decoder;
+    bb = await onnxBackbone(model, { threads: 1 });
+  });
+  afterAll(() => {
+    bb.dispose();
+    disposeWeights(model.weights);
+  });
+
+  test('onnx tree-attention forward: every node equals the plain onnx forward of prefix + its path; keepEntries + a later forward equals the plain cached forward', async () => {
+    const V = model.config.vocabSize;
+    const d = model.config.hiddenSize;
+    const prefix = [5, 9, 17, 33, 40, 41, 7];
+    const tree = treeBuffers(WIDE, TOPK);
+    const rng = new Rng(3);
+    const treeTokens = Array.from({ length: tree.nodes }, () => Math.floor(rng.next() * V));
+    const cache = bb.newCache(1);
+    await bb.forward({ ids: prefix, batch: 1, seqLen: prefix.length, cache, logits: 'none' });
+    const positions = Int32Array.from(tree.positionOffsets, (p) => prefix.length + p);
+    const fwd = await bb.forward({ ids: treeTokens, batch: 1, seqLen: tree.nodes, cache, logits: 'all', treeMask: { mask: tree.attentionMask, positions } });
+    const treeLogits = fwd.logits!.slice();
+    const treeHidden = fwd.hidden.slice();
+    expect(cache.length).toBe(prefix.length + tree.nodes);
+    const pathOf = (n: number): number[] => Array.from({ length: tree.nodes }, (_, j) => j).filter((j) => tree.attentionMask[n * tree.nodes + j] === 1);
+    for (let n = 0; n < tree.nodes; n++) {
+      const seq = [...prefix, ...pathOf(n).map((j) => treeTokens[j])];
+      const full = await bb.forward({ ids: seq, batch: 1, seqLen: seq.length, logits: 'last' });
+      expect(maxAbsDiff(treeLogits.subarray(n * V, (n + 1) * V), full.logits!)).toBeLessThan(1e-4);
+      expect(maxAbsDiff(treeHidden.subarray(n * d, (n + 1) * d), full.hidden.subarray((seq.length - 1) * d, seq.length * d))).toBeLessThan(1e-4);
+    }
+    // Keep the prefix + the deepest path, then feed two more tokens.
+    const deepest = pathOf(tree.nodes - 1);
+    cache.keepEntries([...prefix.map((_, i) => i), ...deepest.map((n) => prefix.length + n)]);
+    expect(cache.length).toBe(prefix.length + deepest.length);
+    const next = await bb.forward({ ids: [11, 12], batch: 1, seqLen: 2, cache, logits: 'all' });
+    const nextLogits = next.logits!.slice();
+    const nextHidden = next.hidden.slice();
+    const plainCache = bb.newCache(1);
+    const seq = [...prefix, ...deepest.map((j) => treeTokens[j])];
+    await bb.forward({ ids: seq, batch: 1, seqLen: seq.length, cache: plainCache, logits: 'none' });
+    const plain = await bb.forward({ ids: [11, 12], batch: 1, seqLen: 2, cache: plainCache, logits: 'all' });
+    expect(maxAbsDiff(nextLogits, plain.logits!)).toBeLessThan(1e-4);
+    expect(maxAbsDiff(nextHidden, plain.hidden)).toBeLessThan(1e-4);
+    // And against the tfjs reference's tree forward.
+    const ref = tfjsBackbone(model);
+    const refCache = ref.newCache(1);
+    await ref.forward({ ids: prefix, batch: 1, seqLen: prefix.length, cache: refCache, logits: 'none' });
+    const refTree = await ref.forward({ ids: treeTokens, batch: 1, seqLen: tree.nodes, cache: refCache, logits: 'all', treeMask: { mask: tree.attentionMask, positions } });
+    expect(maxAbsDiff(treeLogits, refTree.logits!)).toBeLessThan(1e-4);
+    refCache.keepEntries([...prefix.map((_, i) => i), ...deepest.map((n) => prefix.length + n)]);
+    const refNext = await ref.forward({ ids: [11, 12], batch: 1, seqLen: 2, cache: refCache, logits: 'all' });
+    expect(maxAbsDiff(nextLogits, refNext.logits!)).toBeLessThan(1e-4);
+    for (const c of [cache, plainCache, refCache]) c.dispose();
+    expect(() => cache.keepEntries([0])).toThrow();
+  });
+
+  test('keepEntries rejects indexes that are not ascending or out of range', async () => {
+    const cache = bb.newCache(1);
+    await bb.forward({ ids: [1, 2, 3], batch: 1, seqLen: 3, cache, logits: 'none' });
+    expect(() => cache.keepEntries([1, 0])).toThrow();
+    expect(() => cache.keepEntries([0, 3])).toThrow();
+    cache.keepEntries([0, 1, 2]);
+    expect(cache.length).toBe(3);
+    cache.dispose();
+  });
+
+  test.each(TREES)('%s tree: Medusa greedy on the onnx backbone equals plain greedy for 6 random prompts (random and fresh heads)', async (_name, choices) => {
+    const prompts = randomPrompts(model.config.vocabSize, 6, 42);
+    const random = randomHeads(model, 3, 1);
+    const fresh = freshHeads(model, 3);
+    let acceptedSomething = false;
+    const before = tf.memory().numTensors;
+    for (const prompt of prompts) {
+      const want = greedy(model, prompt, NEW);
+      for (const heads of [random, fresh]) {
+        const r = await medusaGenerateGreedyOn(bb, heads, prompt, { choices, topk: TOPK, maxNewTokens: NEW, eosIds: [] });
+        expect(r.tokens).toEqual(want);
+        expect(r.steps).toBe(r.acceptLengths.length);
+        expect(r.steps + r.acceptLengths.reduce((a, b) => a + b, 0)).toBe(NEW);
+        if (r.acceptLengths.some((a) => a > 0)) acceptedSomething = true;
+      }
+    }
+    expect(tf.memory().numTensors).toBe(before);
+    expect(acceptedSomething).toBe(true);
+    disposeHeads(random);
+    disposeHeads(fresh);
+  });
+
+  test('onnx and tfjs backbones give the same Medusa result as medusaGenerateGreedy (steps and accept lengths too); oracle proposals all accepted', async () => {
+    const heads = freshHeads(model, 3);
+    const ref = tfjsBackbone(model);
+    for (const prompt of randomPrompts(model.config.vocabSize, 3, 9)) {
+      const sync = medusaGenerateGreedy(model, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [] });
+      expect(await medusaGenerateGreedyOn(bb, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [] })).toEqual(sync);
+      expect(await medusaGenerateGreedyOn(ref, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [] })).toEqual(sync);
+      const want = greedy(model, prompt, NEW + 4);
+      const chain = await medusaGenerateGreedyOn(bb, heads, prompt, {
+        choices: CHAIN, topk: 1, maxNewTokens: NEW, eosIds: [],
+        candidateOverride: ({ generated }) => [0, 1, 2].map((k) => [want[generated + k]]),
+      });
+      expect(chain.tokens).toEqual(want.slice(0, NEW));
+      expect(chain.acceptLengths.slice(0, -1).every((a) => a === 3)).toBe(true);
+      expect(chain.steps).toBe(Math.ceil(NEW / 4));
+    }
+    // eos stops like plain greedy.
+    const prompt = [8, 9, 10];
+    const eos = greedy(model, prompt, NEW)[7];
+    const r = await medusaGenerateGreedyOn(bb, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [eos] });
+    expect(r.tokens).toEqual(greedy(model, prompt, NEW, [eos]));
+    ref.dispose();
+    disposeHeads(heads);
+  });
 });

@@ -17,7 +17,7 @@
 import { DISABLE_ORT_ENV, disabledByEnv } from './ort.js';
 import { describe, fail } from '../errors.js';
 import type { DecoderConfig } from '../model/config.js';
-import { decoderForward, disposeCache, emptyCache, type Decoder, type KVCache } from '../model/decoder.js';
+import { decoderForward, disposeCache, emptyCache, keepCacheEntries, type Decoder, type KVCache } from '../model/decoder.js';
 
 export type DecoderEngineKind = 'tfjs' | 'onnx';
 export const DECODER_ENGINE_KINDS: readonly DecoderEngineKind[] = ['tfjs', 'onnx'];
@@ -29,6 +29,12 @@ export interface BackboneCache {
   readonly length: number;
   /** Free the cache's memory (idempotent); the cache cannot be used afterwards. */
   dispose(): void;
+  /**
+   * Keep only the entries at `keep` (indexes into [0, length), strictly ascending), e.g. the prefix
+   * plus the accepted nodes of a Medusa tree. The kept entries keep their positions; the next real
+   * token gets the last kept real position + 1.
+   */
+  keepEntries(keep: number[]): void;
 }
 
 export interface BackboneForwardArgs {
@@ -42,6 +48,13 @@ export interface BackboneForwardArgs {
   cache?: BackboneCache;
   /** Which logits to compute: every position, the last position of each row, or none. */
   logits: 'all' | 'last' | 'none';
+  /**
+   * Tree attention (Medusa verification; batch 1, no padding mask), as decoderForward's `treeMask`:
+   * the new tokens attend to every real cached entry (the sliding window still applies) plus the new
+   * tokens `mask` ([T, T], mask[i*T + j] = 1 when query i may attend new token j) allows, and get the
+   * given position ids. The cache (if any) is extended with all new tokens; prune it with `keepEntries`.
+   */
+  treeMask?: { mask: Uint8Array; positions: Int32Array };
 }
 
 export interface BackboneForwardResult {
@@ -78,6 +91,10 @@ class TfjsCache implements BackboneCache {
     this.disposed = true;
     disposeCache(this.kv);
   }
+  keepEntries(keep: number[]): void {
+    if (this.disposed) fail('E_INTERNAL', 'keepEntries on a disposed tfjs cache');
+    keepCacheEntries(this.kv, keep);
+  }
 }
 
 class TfjsBackbone implements Backbone {
@@ -99,7 +116,7 @@ class TfjsBackbone implements Backbone {
       if (a.cache.disposed) fail('E_INTERNAL', 'the cache passed to the tfjs backbone was disposed');
       kv = a.cache.kv;
     }
-    const { hidden, logits } = decoderForward(this.decoder, { ids: a.ids, batch: a.batch, seqLen: a.seqLen, mask: a.mask, cache: kv, logits: a.logits });
+    const { hidden, logits } = decoderForward(this.decoder, { ids: a.ids, batch: a.batch, seqLen: a.seqLen, mask: a.mask, cache: kv, logits: a.logits, treeMask: a.treeMask });
     try {
       // dataSync gives a host copy on wasm; on cpu the backing array, which disposal does not touch.
       return { hidden: hidden.dataSync() as Float32Array, logits: logits ? (logits.dataSync() as Float32Array) : null };

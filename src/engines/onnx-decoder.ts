@@ -40,6 +40,12 @@ import { parameterCount, type DecoderConfig } from '../model/config.js';
 import type { Decoder } from '../model/decoder.js';
 import type { Backbone, BackboneCache, BackboneForwardArgs, BackboneForwardResult, OnnxBackboneOptions } from './decoder-engine.js';
 
+/** Tree attention inputs (batch 1): [T, T] mask among the new tokens and their [T] position ids. */
+export interface TreeMaskArgs {
+  mask: Uint8Array;
+  positions: Int32Array;
+}
+
 /** A ModelProto is one protobuf message: at most 2 GiB. */
 export const PROTOBUF_LIMIT_BYTES = 2 ** 31 - 1;
 /** Room kept for the graph's nodes, names and small constants. */
@@ -86,7 +92,7 @@ export interface HostInputs {
 }
 
 /** Positions, the grouped attention bias and the RoPE tables, exactly as decoderForward builds them. */
-export function hostInputs(c: DecoderConfig, invFreq: Float32Array, book: CacheBook, B: number, T: number, mask: ArrayLike<number> | undefined): HostInputs {
+export function hostInputs(c: DecoderConfig, invFreq: Float32Array, book: CacheBook, B: number, T: number, mask: ArrayLike<number> | undefined, tree?: TreeMaskArgs): HostInputs {
   const nRep = c.numHeads / c.numKvHeads;
   const hd = c.headDim;
   const S = book.length;
@@ -104,6 +110,13 @@ export function hostInputs(c: DecoderConfig, invFreq: Float32Array, book: CacheB
     }
     newKeyPos.push(rowPos);
   }
+  if (tree) {
+    // Tree attention (batch 1, no padding): the given positions, as decoderForward's treeMask.
+    for (let t = 0; t < T; t++) {
+      positions[t] = tree.positions[t];
+      newKeyPos[0][t] = tree.positions[t];
+    }
+  }
   const bias = new Float32Array(B * nRep * T * L);
   const window = c.slidingWindow;
   for (let b = 0; b < B; b++) {
@@ -114,7 +127,9 @@ export function hostInputs(c: DecoderConfig, invFreq: Float32Array, book: CacheB
       const row = (b * nRep * T + i) * L;
       for (let j = 0; j < L; j++) {
         const kp = keyPos[j];
-        const ok = kp >= 0 && j <= qIndex && (qPos < 0 || (kp <= qPos && (window === null || qPos - kp < window)));
+        const ok = tree
+          ? kp >= 0 && (j < S || tree.mask[i * T + (j - S)] !== 0) && kp <= qPos && (window === null || qPos - kp < window)
+          : kp >= 0 && j <= qIndex && (qPos < 0 || (kp <= qPos && (window === null || qPos - kp < window)));
         bias[row + j] = ok ? 0 : MASKED;
       }
       for (let r = 1; r < nRep; r++) bias.copyWithin(row + r * T * L, row, row + L);
@@ -270,6 +285,35 @@ class OnnxCache implements BackboneCache, CacheBook {
     this.k = [];
     this.v = [];
   }
+
+  /** Keep only the entries at `keep` (ascending indexes into [0, length)), compacting the host buffers in place. */
+  keepEntries(keep: number[]): void {
+    if (this.disposed) fail('E_INTERNAL', 'keepEntries on a disposed onnx cache');
+    if (this.busy) fail('E_INTERNAL', 'keepEntries while a forward on this cache is running');
+    for (let i = 0; i < keep.length; i++) {
+      const j = keep[i];
+      if (!Number.isInteger(j) || j < 0 || j >= this.length || (i > 0 && j <= keep[i - 1])) {
+        fail('E_INTERNAL', `keepEntries: index ${j} at ${i} is not ascending within [0, ${this.length})`);
+      }
+    }
+    if (keep.length === this.length) return; // ascending and in range: the identity
+    const c = this.owner.config;
+    const entry = this.batch * c.numKvHeads * c.headDim; // values per cached position (sequence-major)
+    for (const bufs of [this.k, this.v]) {
+      for (const buf of bufs) {
+        // keep[i] >= i, so copying forward in order never overwrites an entry still to be read.
+        for (let i = 0; i < keep.length; i++) {
+          if (keep[i] !== i) buf.copyWithin(i * entry, keep[i] * entry, (keep[i] + 1) * entry);
+        }
+      }
+    }
+    this.length = keep.length;
+    for (let b = 0; b < this.batch; b++) {
+      this.keyPos[b] = keep.map((j) => this.keyPos[b][j]);
+      const real = this.keyPos[b].filter((p) => p >= 0);
+      this.nextPos[b] = real.length > 0 ? real[real.length - 1] + 1 : 0;
+    }
+  }
 }
 
 /** Append `add` after the first `used` values of `buf`, growing it (x1.5, at least 64 more entries of `entry` values) when full. */
@@ -327,7 +371,14 @@ class OnnxBackbone implements Backbone {
     const book: CacheBook = cache ?? { length: 0, keyPos: Array.from({ length: B }, () => []), nextPos: new Array<number>(B).fill(0) };
     const S = book.length;
     const L = S + T;
-    const host = hostInputs(c, this.decoder.invFreq, book, B, T, a.mask);
+    const tree = a.treeMask;
+    if (tree) {
+      if (B !== 1) fail('E_INTERNAL', `treeMask needs batch 1, got ${B}`);
+      if (a.mask) fail('E_INTERNAL', 'treeMask cannot be combined with a padding mask');
+      if (tree.mask.length !== T * T) fail('E_INTERNAL', `treeMask.mask has ${tree.mask.length} entries, expected ${T * T}`);
+      if (tree.positions.length !== T) fail('E_INTERNAL', `treeMask.positions has ${tree.positions.length} entries, expected ${T}`);
+    }
+    const host = hostInputs(c, this.decoder.invFreq, book, B, T, a.mask, tree);
     const logitIndex = a.logits === 'all' ? BigInt64Array.from({ length: T }, (_, i) => BigInt(i)) : a.logits === 'last' ? BigInt64Array.of(BigInt(T - 1)) : new BigInt64Array(0);
     const feeds: Record<string, ort.Tensor> = {
       input_ids: new ort.Tensor('int64', ids, [B, T]),

@@ -1,6 +1,6 @@
 /**
  * Medusa decoding with greedy acceptance (the reference `medusa_generate` at temperature 0), on the
- * tfjs engine, batch 1.
+ * tfjs engine (`medusaGenerateGreedy`) or any backbone (`medusaGenerateGreedyOn`), batch 1.
  *
  * Each step: the base token is the argmax of the last accepted position's logits; the heads read
  * that position's hidden state and propose their top-k tokens; the candidate tree (DESIGN.md §2) is
@@ -15,7 +15,9 @@ import { fail } from '../errors.js';
 import { decoderForward, disposeCache, emptyCache, keepCacheEntries, type Decoder, type KVCache } from '../model/decoder.js';
 import type { MedusaHeads } from '../model/heads.js';
 import { argmax } from '../model/sampling.js';
-import { treeBuffers, validateChoices } from './tree.js';
+import { treeBuffers, validateChoices, type TreeBuffers } from './tree.js';
+import type { DecoderConfig } from '../model/config.js';
+import type { Backbone } from '../engines/decoder-engine.js';
 import { greedyAccept } from './acceptance.js';
 
 export interface MedusaDecodeOptions {
@@ -69,8 +71,8 @@ function rowOf(hidden: tf.Tensor3D, t: number): tf.Tensor2D {
   return tf.tidy(() => tf.reshape(tf.slice(hidden, [0, t, 0], [1, 1, d]), [1, d]) as tf.Tensor2D);
 }
 
-export function medusaGenerateGreedy(model: Decoder, heads: MedusaHeads, prompt: number[], o: MedusaDecodeOptions): MedusaDecodeResult {
-  const c = model.config;
+/** Validated inputs and the tree buffers shared by both drivers. */
+function prepare(c: DecoderConfig, heads: MedusaHeads, prompt: number[], o: MedusaDecodeOptions): TreeBuffers {
   const V = c.vocabSize;
   if (prompt.length === 0) fail('E_USAGE', 'The prompt needs at least one token.');
   if (!Number.isInteger(o.maxNewTokens) || o.maxNewTokens < 1) fail('E_USAGE', `max_new_tokens must be a positive integer, got ${o.maxNewTokens}`);
@@ -82,81 +84,182 @@ export function medusaGenerateGreedy(model: Decoder, heads: MedusaHeads, prompt:
   }
   if (o.topk > V) fail('E_USAGE', `topk ${o.topk} exceeds the vocabulary size ${V}`);
   validateChoices(o.choices, { numHeads: heads.shape.numHeads, topk: o.topk, where: 'medusa_choices' });
-  const tree = treeBuffers(o.choices, o.topk);
-  const eos = new Set(o.eosIds);
+  return treeBuffers(o.choices, o.topk);
+}
+
+/** The tree's node tokens from the base token and the heads' proposals ([numHeads][topk]). */
+function treeTokensOf(tree: TreeBuffers, o: MedusaDecodeOptions, base: number, proposals: number[][]): number[] {
+  if (proposals.length < tree.maxDepth || proposals.some((r) => r.length < o.topk)) {
+    fail('E_INTERNAL', `head proposals must be at least ${tree.maxDepth} rows of ${o.topk} token ids`);
+  }
+  const cands = [base];
+  for (let k = 0; k < tree.maxDepth; k++) for (let r = 0; r < o.topk; r++) cands.push(proposals[k][r]);
+  return Array.from(tree.treeIndices, (i) => cands[i]);
+}
+
+/** Greedy acceptance on the tree forward's logits [N, V]: the accepted nodes, root first (the longest matching path, first on ties). */
+function acceptNodes(tree: TreeBuffers, treeTokens: number[], logits: Float32Array, V: number): number[] {
   const N = tree.nodes;
   const W = tree.maxDepth + 1;
+  const pred = Array.from({ length: N }, (_, n) => argmax(logits, n * V, V));
+  const pathTokens = new Int32Array(tree.numPaths * W); // [numPaths, W], -1 padded
+  const pathArgmax = new Int32Array(tree.numPaths * W); // [numPaths, W]
+  tree.retrieveIndices.forEach((node, i) => {
+    pathTokens[i] = node < 0 ? -1 : treeTokens[node];
+    pathArgmax[i] = node < 0 ? -1 : pred[node];
+  });
+  const { bestPath: best, acceptLength: bestLen } = greedyAccept(pathTokens, pathArgmax, tree.numPaths, W);
+  return Array.from(tree.retrieveIndices.subarray(best * W, best * W + bestLen + 1));
+}
 
-  const cache: KVCache = emptyCache(1);
-  let lastHidden: tf.Tensor2D | null = null;
+/** What the shared loop needs from its driver besides proposals and verification (requested by yielding). */
+interface LoopCache {
+  cacheLength(): number;
+  /** Position id of the next token. */
+  nextPos(): number;
+  /** Prune the cache to `keep` and make tree node `last`'s hidden state the heads' next input. */
+  commit(keep: number[], last: number): void;
+}
+
+/** The shared loop, written once as a generator so both the sync (tfjs) and async (any backbone) drivers can run it. */
+function* medusaLoop(tree: TreeBuffers, V: number, firstLogits: Float32Array, o: MedusaDecodeOptions, d: LoopCache): Generator<LoopRequest, MedusaDecodeResult, number[][] | Float32Array> {
+  const eos = new Set(o.eosIds);
   const tokens: number[] = [];
   const acceptLengths: number[] = [];
   let steps = 0;
+  let lastLogits = firstLogits;
+  const emit = (tok: number): boolean => {
+    tokens.push(tok);
+    return eos.has(tok) || tokens.length >= o.maxNewTokens;
+  };
+  for (;;) {
+    steps++;
+    const base = argmax(lastLogits, 0, V);
+    if (emit(base)) {
+      acceptLengths.push(0);
+      break;
+    }
+    const proposals = o.candidateOverride
+      ? o.candidateOverride({ step: steps - 1, generated: tokens.length })
+      : ((yield { kind: 'propose' }) as number[][]);
+    const treeTokens = treeTokensOf(tree, o, base, proposals);
+    // One verification forward over every node.
+    const S = d.cacheLength();
+    const start = d.nextPos();
+    const positions = Int32Array.from(tree.positionOffsets, (p) => start + p);
+    const logits = (yield { kind: 'verify', treeTokens, positions }) as Float32Array; // [N, V]
+    const accepted = acceptNodes(tree, treeTokens, logits, V); // root first
+    const bestLen = accepted.length - 1;
+    let done = false;
+    let emitted = 0;
+    for (let dd = 1; dd <= bestLen && !done; dd++) {
+      done = emit(treeTokens[accepted[dd]]);
+      emitted++;
+    }
+    acceptLengths.push(emitted);
+    if (done) break;
+    const last = accepted[bestLen];
+    d.commit([...Array.from({ length: S }, (_, i) => i), ...accepted.map((n) => S + n)], last);
+    lastLogits = logits.subarray(last * V, (last + 1) * V);
+  }
+  return { tokens, steps, tokensPerStep: tokens.length / steps, acceptLengths };
+}
+
+type LoopRequest = { kind: 'propose' } | { kind: 'verify'; treeTokens: number[]; positions: Int32Array };
+
+export function medusaGenerateGreedy(model: Decoder, heads: MedusaHeads, prompt: number[], o: MedusaDecodeOptions): MedusaDecodeResult {
+  const c = model.config;
+  const V = c.vocabSize;
+  const tree = prepare(c, heads, prompt, o);
+  const N = tree.nodes;
+
+  const cache: KVCache = emptyCache(1);
+  let lastHidden: tf.Tensor2D | null = null;
+  let treeHidden: tf.Tensor3D | null = null;
   try {
     // Prefill.
     const pre = decoderForward(model, { ids: prompt, batch: 1, seqLen: prompt.length, cache, logits: 'last' });
-    let lastLogits = pre.logits!.dataSync() as Float32Array; // [V]
+    const firstLogits = pre.logits!.dataSync() as Float32Array; // [V]
     lastHidden = rowOf(pre.hidden, prompt.length - 1);
     pre.hidden.dispose();
     pre.logits!.dispose();
-
-    const emit = (tok: number): boolean => {
-      tokens.push(tok);
-      return eos.has(tok) || tokens.length >= o.maxNewTokens;
-    };
+    const loop = medusaLoop(tree, V, firstLogits, o, {
+      cacheLength: () => cache.length,
+      nextPos: () => cache.nextPos[0],
+      commit: (keep, last) => {
+        keepCacheEntries(cache, keep);
+        lastHidden!.dispose();
+        lastHidden = rowOf(treeHidden!, last);
+      },
+    });
+    let reply: number[][] | Float32Array | undefined;
     for (;;) {
-      steps++;
-      const base = argmax(lastLogits, 0, V);
-      if (emit(base)) {
-        acceptLengths.push(0);
-        break;
+      const r = reply === undefined ? loop.next() : loop.next(reply);
+      if (r.done) return r.value;
+      const req = r.value;
+      if (req.kind === 'propose') {
+        reply = headsTopK(heads, lastHidden!, o.topk);
+      } else {
+        treeHidden?.dispose();
+        treeHidden = null;
+        const fwd = decoderForward(model, { ids: req.treeTokens, batch: 1, seqLen: N, cache, logits: 'all', treeMask: { mask: tree.attentionMask, positions: req.positions } });
+        treeHidden = fwd.hidden;
+        reply = fwd.logits!.dataSync() as Float32Array; // [N, V]
+        fwd.logits!.dispose();
       }
-      // Candidates: [base, head0 top-k, head1 top-k, ...] -> tree nodes.
-      const proposals = o.candidateOverride ? o.candidateOverride({ step: steps - 1, generated: tokens.length }) : headsTopK(heads, lastHidden, o.topk);
-      if (proposals.length < tree.maxDepth || proposals.some((r) => r.length < o.topk)) {
-        fail('E_INTERNAL', `head proposals must be at least ${tree.maxDepth} rows of ${o.topk} token ids`);
-      }
-      const cands = [base];
-      for (let k = 0; k < tree.maxDepth; k++) for (let r = 0; r < o.topk; r++) cands.push(proposals[k][r]);
-      const treeTokens = Array.from(tree.treeIndices, (i) => cands[i]);
-      // One verification forward over every node.
-      const S = cache.length;
-      const start = cache.nextPos[0];
-      const positions = Int32Array.from(tree.positionOffsets, (p) => start + p);
-      const fwd = decoderForward(model, { ids: treeTokens, batch: 1, seqLen: N, cache, logits: 'all', treeMask: { mask: tree.attentionMask, positions } });
-      const logits = fwd.logits!.dataSync() as Float32Array; // [N, V]
-      fwd.logits!.dispose();
-      const pred = Array.from({ length: N }, (_, n) => argmax(logits, n * V, V));
-      // Greedy acceptance: the longest matching path, first on ties.
-      const pathTokens = new Int32Array(tree.numPaths * W); // [numPaths, W], -1 padded
-      const pathArgmax = new Int32Array(tree.numPaths * W); // [numPaths, W]
-      tree.retrieveIndices.forEach((node, i) => {
-        pathTokens[i] = node < 0 ? -1 : treeTokens[node];
-        pathArgmax[i] = node < 0 ? -1 : pred[node];
-      });
-      const { bestPath: best, acceptLength: bestLen } = greedyAccept(pathTokens, pathArgmax, tree.numPaths, W);
-      const accepted = Array.from(tree.retrieveIndices.subarray(best * W, best * W + bestLen + 1)); // root first
-      let done = false;
-      let emitted = 0;
-      for (let dd = 1; dd <= bestLen && !done; dd++) {
-        done = emit(treeTokens[accepted[dd]]);
-        emitted++;
-      }
-      acceptLengths.push(emitted);
-      if (done) {
-        fwd.hidden.dispose();
-        break;
-      }
-      const last = accepted[bestLen];
-      keepCacheEntries(cache, [...Array.from({ length: S }, (_, i) => i), ...accepted.map((n) => S + n)]);
-      lastLogits = logits.subarray(last * V, (last + 1) * V);
-      lastHidden.dispose();
-      lastHidden = rowOf(fwd.hidden, last);
-      fwd.hidden.dispose();
     }
   } finally {
+    treeHidden?.dispose();
     lastHidden?.dispose();
     disposeCache(cache);
   }
-  return { tokens, steps, tokensPerStep: tokens.length / steps, acceptLengths };
+}
+
+/**
+ * Medusa greedy decoding on any backbone (tfjs or onnx): the same loop as `medusaGenerateGreedy`, the
+ * tree verified by the backbone's tree-masked forward and the cache pruned with `keepEntries`; the
+ * heads stay on tfjs and read the backbone's host hidden state of the last accepted node.
+ */
+export async function medusaGenerateGreedyOn(backbone: Backbone, heads: MedusaHeads, prompt: number[], o: MedusaDecodeOptions): Promise<MedusaDecodeResult> {
+  const c = backbone.config;
+  const V = c.vocabSize;
+  const d = c.hiddenSize;
+  const tree = prepare(c, heads, prompt, o);
+  const N = tree.nodes;
+  const cache = backbone.newCache(1);
+  try {
+    const pre = await backbone.forward({ ids: prompt, batch: 1, seqLen: prompt.length, cache, logits: 'last' });
+    // Host copies: an engine may reuse its output buffers.
+    let lastHidden = pre.hidden.slice((prompt.length - 1) * d, prompt.length * d); // [d]
+    let treeHidden: Float32Array | null = null; // [N, d]
+    const loop = medusaLoop(tree, V, pre.logits!.slice(0, V), o, {
+      cacheLength: () => cache.length,
+      // Batch 1 without padding, positions contiguous from 0 (prompt, then the accepted nodes): the next position is the length.
+      nextPos: () => cache.length,
+      commit: (keep, last) => {
+        cache.keepEntries(keep);
+        lastHidden = treeHidden!.slice(last * d, (last + 1) * d);
+      },
+    });
+    let reply: number[][] | Float32Array | undefined;
+    for (;;) {
+      const r = reply === undefined ? loop.next() : loop.next(reply);
+      if (r.done) return r.value;
+      const req = r.value;
+      if (req.kind === 'propose') {
+        const h = tf.tensor2d(lastHidden, [1, d]);
+        try {
+          reply = headsTopK(heads, h, o.topk);
+        } finally {
+          h.dispose();
+        }
+      } else {
+        const fwd = await backbone.forward({ ids: req.treeTokens, batch: 1, seqLen: N, cache, logits: 'all', treeMask: { mask: tree.attentionMask, positions: req.positions } });
+        treeHidden = fwd.hidden;
+        reply = fwd.logits!; // [N, V]
+      }
+    }
+  } finally {
+    cache.dispose();
+  }
 }

@@ -4,9 +4,9 @@
  * budgets (expected tokens per step, assuming independent heads), written beside the run as
  * `eval/accuracy.json`, `eval/trees.json` and `medusa_choices.json`.
  *
- * With --speed N it also runs real Medusa greedy decoding (tfjs engine, batch 1) against plain greedy
- * decoding on N held-out prompts, per tree: measured tokens per step, tokens/s and speedup.
- * Not here yet: accuracy on live greedy decoding, the onnx engine for Medusa decoding, typical acceptance.
+ * With --speed N it also runs real Medusa greedy decoding (the run's backbone engine, batch 1) against
+ * plain greedy decoding on the same engine on N held-out prompts, per tree: measured tokens per step,
+ * tokens/s and speedup, and a chart. Not here yet: accuracy on live greedy decoding, typical acceptance.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -23,8 +23,8 @@ import { chooseBackbone } from '../engines/decoder-engine.js';
 import { budgetCurve, type MedusaChoices } from '../eval/tree.js';
 import { TOPK_REPORTED } from '../train/heads-loss.js';
 import { disposeHeads, importHeads, initHeads } from '../model/heads.js';
-import { generate } from '../model/generate.js';
-import { medusaGenerateGreedy } from '../eval/medusa-decode.js';
+import { generateOn } from '../engines/backbone-generate.js';
+import { medusaGenerateGreedyOn } from '../eval/medusa-decode.js';
 import { writeFileAtomic } from '../io/atomic.js';
 import { lineChartSvg } from '../report/chart.js';
 
@@ -61,7 +61,7 @@ export interface EvalReport {
   perRank: number[][];
   trees: { budget: number; expectedTokensPerStep: number; nodes: number }[];
   chosen: { budget: number; expectedTokensPerStep: number; choices: MedusaChoices; file: string };
-  speed: { prompts: number; newTokens: number; plainTokensPerSecond: number; rows: SpeedRow[] } | null;
+  speed: { engine: string; prompts: number; newTokens: number; plainTokensPerSecond: number; rows: SpeedRow[] } | null;
 }
 
 export async function runEval(a: EvalArgs): Promise<EvalReport> {
@@ -134,10 +134,11 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
       // prompts: each conversation up to its first generated token
       const prompts = examples.slice(0, a.speedPrompts).map((e) => Array.from(e.inputIds.subarray(0, Math.max(1, e.lossMask.indexOf(1)))));
       // warm-up (JIT, kernel caches) so the first timed configuration is not penalised
-      generate(decoder, [prompts[0]], { maxNewTokens: 4, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds, padId });
-      medusaGenerateGreedy(decoder, heads, prompts[0], { choices: curve[0].choices, topk: TOPK_REPORTED, maxNewTokens: 4, eosIds });
+      await generateOn(backbone, [prompts[0]], { maxNewTokens: 4, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds, padId });
+      await medusaGenerateGreedyOn(backbone, heads, prompts[0], { choices: curve[0].choices, topk: TOPK_REPORTED, maxNewTokens: 4, eosIds });
       const t0 = performance.now();
-      const plain = prompts.map((p) => generate(decoder, [p], { maxNewTokens: newTokens, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds, padId }).tokens[0]);
+      const plain: number[][] = [];
+      for (const p of prompts) plain.push((await generateOn(backbone, [p], { maxNewTokens: newTokens, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds, padId })).tokens[0]);
       const plainSeconds = (performance.now() - t0) / 1000;
       const plainTokens = plain.reduce((x, t) => x + t.length, 0);
       const rows: SpeedRow[] = [];
@@ -146,19 +147,19 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
         let steps = 0;
         let tokens = 0;
         let same = true;
-        prompts.forEach((p, i) => {
-          const r = medusaGenerateGreedy(decoder, heads, p, { choices: t.choices, topk: TOPK_REPORTED, maxNewTokens: newTokens, eosIds });
+        for (const [i, p] of prompts.entries()) {
+          const r = await medusaGenerateGreedyOn(backbone, heads, p, { choices: t.choices, topk: TOPK_REPORTED, maxNewTokens: newTokens, eosIds });
           steps += r.steps;
           tokens += r.tokens.length;
           if (r.tokens.join(',') !== plain[i].join(',')) same = false;
-        });
+        }
         const secs = (performance.now() - t1) / 1000;
         rows.push({
           budget: t.budget, nodes: t.choices.length, expectedTokensPerStep: t.expectedTokensPerStep, measuredTokensPerStep: tokens / steps,
           tokensPerSecond: tokens / secs, speedup: tokens / secs / (plainTokens / plainSeconds), sameTokens: same,
         });
       }
-      speed = { prompts: prompts.length, newTokens, plainTokensPerSecond: plainTokens / plainSeconds, rows };
+      speed = { engine: backbone.kind, prompts: prompts.length, newTokens, plainTokensPerSecond: plainTokens / plainSeconds, rows };
       json(path.join(evalDir, 'speed.json'), speed);
       // chart: tokens per step (expected and measured) and wall-clock speedup against the tree's size
       const svg = await lineChartSvg({
@@ -189,7 +190,7 @@ export function formatEval(r: EvalReport): string {
   for (const t of r.trees) lines.push(`  ${String(t.budget).padStart(4)} nodes requested, ${String(t.nodes).padStart(4)} used: ${t.expectedTokensPerStep.toFixed(3)}`);
   lines.push(`medusa_choices (${r.chosen.choices.length} nodes, expected ${r.chosen.expectedTokensPerStep.toFixed(3)} tokens/step): ${r.chosen.file}`);
   if (r.speed) {
-    lines.push(`Medusa greedy decoding vs plain greedy (tfjs, batch 1, ${r.speed.prompts} prompts x ${r.speed.newTokens} tokens; plain ${r.speed.plainTokensPerSecond.toFixed(1)} tok/s; chart: ${path.join(r.run, 'eval', 'speed.svg')}):`);
+    lines.push(`Medusa greedy decoding vs plain greedy (${r.speed.engine} backbone, batch 1, ${r.speed.prompts} prompts x ${r.speed.newTokens} tokens; plain ${r.speed.plainTokensPerSecond.toFixed(1)} tok/s; chart: ${path.join(r.run, 'eval', 'speed.svg')}):`);
     for (const x of r.speed.rows) lines.push(`  budget ${String(x.budget).padStart(4)} (${x.nodes} nodes): tokens/step expected ${x.expectedTokensPerStep.toFixed(2)}, measured ${x.measuredTokensPerStep.toFixed(2)}; ${x.tokensPerSecond.toFixed(1)} tok/s, speedup ${x.speedup.toFixed(2)}x${x.sameTokens ? '' : '  (OUTPUT DIFFERS FROM PLAIN GREEDY)'}`);
   }
   return lines.join('\n');

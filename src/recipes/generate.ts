@@ -9,14 +9,14 @@ import { readJsonFile } from '../io/json.js';
 import { openModelFolder } from '../model/load.js';
 import type { Decoder } from '../model/decoder.js';
 import { disposeHeads, importHeads, initHeads } from '../model/heads.js';
-import { medusaGenerateGreedy } from '../eval/medusa-decode.js';
+import { medusaGenerateGreedyOn } from '../eval/medusa-decode.js';
 import { latestCheckpoint, loadCheckpoint } from '../train/checkpoint.js';
 import { currentBackend } from '../backend.js';
 import { loadDecoder } from '../model/load.js';
 import { disposeWeights } from '../model/weights.js';
 import type { FinishReason } from '../model/generate.js';
 import { generateOn } from '../engines/backbone-generate.js';
-import { chooseBackbone } from '../engines/decoder-engine.js';
+import { chooseBackbone, type Backbone } from '../engines/decoder-engine.js';
 import { ensureEmbeddedModel } from '../model/tiny.js';
 import { loadTokenizer, type Tokenizer } from '../data/tokenizer.js';
 import { encodeChat, type ChatMessage } from '../data/chat.js';
@@ -73,7 +73,7 @@ export async function runGenerate(a: GenerateArgs): Promise<GenerateReport> {
       // Segment-wise, exactly as distill builds its prompts, so both give the same tokens.
       return encodeChat(tokenizer, template, messages, { addGenerationPrompt: true }).ids;
     });
-    if (a.medusa) return await medusaReport(a, dir, decoder, tokenizer, prompts, promptIds, loadMs);
+    if (a.medusa) return await medusaReport(a, dir, decoder, backbone, tokenizer, prompts, promptIds, loadMs);
     // --- generate ---
     const eosIds = a.stopAtEos ? [...new Set([...decoder.config.eosTokenIds, ...tokenizer.eosIds])] : [];
     const padId = decoder.config.padTokenId ?? tokenizer.padId ?? eosIds[0] ?? 0;
@@ -114,7 +114,7 @@ export function formatGenerate(r: GenerateReport): string {
 }
 
 /** `generate --medusa <run>`: Medusa greedy decoding with a run's latest heads and its medusa_choices.json. */
-async function medusaReport(a: GenerateArgs, dir: string, decoder: Decoder, tokenizer: Tokenizer, prompts: string[], promptIds: number[][], loadMs: number): Promise<GenerateReport> {
+async function medusaReport(a: GenerateArgs, dir: string, decoder: Decoder, backbone: Backbone, tokenizer: Tokenizer, prompts: string[], promptIds: number[][], loadMs: number): Promise<GenerateReport> {
   const run = a.medusa!;
   if (a.temperature !== 0) fail('E_USAGE', '--medusa decodes greedily for now: pass --temperature 0 (typical acceptance is not wired into generate yet).');
   const ckDir = latestCheckpoint(run);
@@ -136,16 +136,17 @@ async function medusaReport(a: GenerateArgs, dir: string, decoder: Decoder, toke
     const eosIds = a.stopAtEos ? [...new Set([...decoder.config.eosTokenIds, ...tokenizer.eosIds])] : [];
     const t0 = performance.now();
     let steps = 0;
-    const outputs = prompts.map((p, i) => {
-      const r = medusaGenerateGreedy(decoder, heads, promptIds[i], { choices, topk, maxNewTokens: a.maxNewTokens, eosIds });
+    const outputs: GenerateReport['outputs'] = [];
+    for (const [i, p] of prompts.entries()) {
+      const r = await medusaGenerateGreedyOn(backbone, heads, promptIds[i], { choices, topk, maxNewTokens: a.maxNewTokens, eosIds });
       steps += r.steps;
       const last = r.tokens[r.tokens.length - 1];
-      return { prompt: p, promptTokens: promptIds[i], tokens: r.tokens, text: tokenizer.decode(r.tokens, { skipSpecialTokens: true }), finish: (eosIds.includes(last) ? 'eos' : 'length') as FinishReason };
-    });
+      outputs.push({ prompt: p, promptTokens: promptIds[i], tokens: r.tokens, text: tokenizer.decode(r.tokens, { skipSpecialTokens: true }), finish: eosIds.includes(last) ? 'eos' : 'length' });
+    }
     const secs = (performance.now() - t0) / 1000;
     const newTokens = outputs.reduce((x, o) => x + o.tokens.length, 0);
     return {
-      model: dir, backend: `${currentBackend().name} (Medusa)`, outputs,
+      model: dir, backend: `${backbone.kind === 'onnx' ? 'onnx' : currentBackend().name} (Medusa)`, outputs,
       promptTokens: promptIds.reduce((x, p) => x + p.length, 0), newTokens,
       prefillTokensPerSecond: NaN, decodeTokensPerSecond: newTokens / Math.max(secs, 1e-9), loadMs,
       medusa: { run, checkpoint: ckDir, nodes: choices.length, steps, tokensPerStep: newTokens / Math.max(steps, 1) },
