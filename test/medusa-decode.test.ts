@@ -106,7 +106,7 @@ describe.each(MODELS)('%s', (variant) => {
     disposeCache(plainCache);
   });
 
-  test.each(TREES)('%s tree: Medusa greedy equals plain greedy for 8 random prompts (random and fresh heads)', (_name, choices) => {
+  test.each(TREES)('%s tree: Medusa greedy equals plain greedy for 8 random prompts (random and fresh heads)', async (_name, choices) => {
     const prompts = randomPrompts(model.config.vocabSize, 8, 42);
     const random = randomHeads(model, 3, 1);
     const fresh = freshHeads(model, 3);
@@ -114,7 +114,7 @@ describe.each(MODELS)('%s', (variant) => {
     for (const prompt of prompts) {
       const want = greedy(model, prompt, NEW);
       for (const heads of [random, fresh]) {
-        const r = medusaGenerateGreedy(model, heads, prompt, { choices, topk: TOPK, maxNewTokens: NEW, eosIds: [] });
+        const r = await medusaGenerateGreedy(model, heads, prompt, { choices, topk: TOPK, maxNewTokens: NEW, eosIds: [] });
         expect(r.tokens).toEqual(want);
         expect(r.steps).toBe(r.acceptLengths.length);
         expect(r.steps + r.acceptLengths.reduce((a, b) => a + b, 0)).toBe(NEW);
@@ -128,14 +128,14 @@ describe.each(MODELS)('%s', (variant) => {
     disposeHeads(fresh);
   });
 
-  test('oracle proposals (the true continuation) are all accepted: chain and wide trees', () => {
+  test('oracle proposals (the true continuation) are all accepted: chain and wide trees', async () => {
     const heads = freshHeads(model, 3);
     const V = model.config.vocabSize;
     for (const prompt of randomPrompts(V, 4, 9)) {
       const want = greedy(model, prompt, NEW + 4);
       const truth = (i: number): number => want[i];
       // Chain: the true token at rank 0 of every head.
-      const chain = medusaGenerateGreedy(model, heads, prompt, {
+      const chain = await medusaGenerateGreedy(model, heads, prompt, {
         choices: CHAIN, topk: 1, maxNewTokens: NEW, eosIds: [],
         candidateOverride: ({ generated }) => [0, 1, 2].map((k) => [truth(generated + k)]),
       });
@@ -146,7 +146,7 @@ describe.each(MODELS)('%s', (variant) => {
       // Wide: the truth hides at rank 1 of head 0, rank 0 of head 1, rank 1 of head 2 (path [1, 0, 0] exists,
       // [1, 0, 1] does not, so 2 are accepted each step); other ranks are wrong tokens.
       const wrong = (t: number): number => (t + 1) % V;
-      const wide = medusaGenerateGreedy(model, heads, prompt, {
+      const wide = await medusaGenerateGreedy(model, heads, prompt, {
         choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [],
         candidateOverride: ({ generated }) => {
           const t0 = truth(generated), t1 = truth(generated + 1), t2 = truth(generated + 2);
@@ -160,12 +160,12 @@ describe.each(MODELS)('%s', (variant) => {
     disposeHeads(heads);
   });
 
-  test('useless proposals: nothing accepted, one token per step, same tokens', () => {
+  test('useless proposals: nothing accepted, one token per step, same tokens', async () => {
     const heads = freshHeads(model, 3);
     const V = model.config.vocabSize;
     const prompt = [3, 1, 4, 1, 5];
     const want = greedy(model, prompt, NEW + 4);
-    const r = medusaGenerateGreedy(model, heads, prompt, {
+    const r = await medusaGenerateGreedy(model, heads, prompt, {
       choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [],
       candidateOverride: ({ generated }) => [0, 1, 2].map(() => [1, 2, 3].map((o) => (want[generated] + o) % V)),
     });
@@ -176,14 +176,14 @@ describe.each(MODELS)('%s', (variant) => {
     disposeHeads(heads);
   });
 
-  test('stops at an eos token like plain greedy, and leaks no tensors', () => {
+  test('stops at an eos token like plain greedy, and leaks no tensors', async () => {
     const heads = freshHeads(model, 3);
     const prompt = [8, 9, 10];
     const free = greedy(model, prompt, NEW);
     const eos = free[7];
     const want = greedy(model, prompt, NEW, [eos]);
     const before = tf.memory().numTensors;
-    const r = medusaGenerateGreedy(model, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [eos] });
+    const r = await medusaGenerateGreedy(model, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [eos] });
     expect(tf.memory().numTensors).toBe(before);
     expect(r.tokens).toEqual(want);
     expect(r.tokens[r.tokens.length - 1]).toBe(eos);
@@ -191,11 +191,11 @@ describe.each(MODELS)('%s', (variant) => {
   });
 });
 
-test('rejects a tree deeper than the heads, and ranks beyond topk', () => {
+test('rejects a tree deeper than the heads, and ranks beyond topk', async () => {
   const model = loadDecoder(path.join(DECODER_FIXTURES, 'llama-gqa')).decoder;
   const heads = freshHeads(model, 2);
-  expect(() => medusaGenerateGreedy(model, heads, [1, 2], { choices: CHAIN, topk: 1, maxNewTokens: 4, eosIds: [] })).toThrow();
-  expect(() => medusaGenerateGreedy(model, heads, [1, 2], { choices: [[0], [3]], topk: 2, maxNewTokens: 4, eosIds: [] })).toThrow();
+  await expect(medusaGenerateGreedy(model, heads, [1, 2], { choices: CHAIN, topk: 1, maxNewTokens: 4, eosIds: [] })).rejects.toThrow();
+  await expect(medusaGenerateGreedy(model, heads, [1, 2], { choices: [[0], [3]], topk: 2, maxNewTokens: 4, eosIds: [] })).rejects.toThrow();
   disposeHeads(heads);
   disposeWeights(model.weights);
 });
@@ -295,7 +295,7 @@ describe.each(MODELS)('%s on a Backbone', (variant) => {
     const heads = freshHeads(model, 3);
     const ref = tfjsBackbone(model);
     for (const prompt of randomPrompts(model.config.vocabSize, 3, 9)) {
-      const sync = medusaGenerateGreedy(model, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [] });
+      const sync = await medusaGenerateGreedy(model, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [] });
       expect(await medusaGenerateGreedyOn(bb, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [] })).toEqual(sync);
       expect(await medusaGenerateGreedyOn(ref, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [] })).toEqual(sync);
       const want = greedy(model, prompt, NEW + 4);

@@ -37,20 +37,13 @@ import type * as tf from '@tensorflow/tfjs';
 import { describe, fail } from '../errors.js';
 import { GraphBuilder } from '../io/onnx.js';
 import { parameterCount, type DecoderConfig } from '../model/config.js';
-import type { Decoder } from '../model/decoder.js';
+import { hostInputs, type CacheBook, type Decoder, type TreeMask } from '../model/decoder.js';
 import type { Backbone, BackboneCache, BackboneForwardArgs, BackboneForwardResult, OnnxBackboneOptions } from './decoder-engine.js';
-
-/** Tree attention inputs (batch 1): [T, T] mask among the new tokens and their [T] position ids. */
-export interface TreeMaskArgs {
-  mask: Uint8Array;
-  positions: Int32Array;
-}
 
 /** A ModelProto is one protobuf message: at most 2 GiB. */
 export const PROTOBUF_LIMIT_BYTES = 2 ** 31 - 1;
 /** Room kept for the graph's nodes, names and small constants. */
 const GRAPH_OVERHEAD_BYTES = 16 * 1024 * 1024;
-const MASKED = -1e9;
 
 /** Bytes of the float32 initializers of a model's graph (tied embeddings stored once). */
 export function onnxWeightBytes(c: DecoderConfig): number {
@@ -66,91 +59,6 @@ export function checkOnnxModelSize(c: DecoderConfig): void {
       `this model (${c.architecture}, ${parameterCount(c).toLocaleString('en-US')} parameters) needs ${gib(bytes)} GiB in float32. ` +
       'Weights in ONNX external data (a side file) are not implemented yet; use the tfjs engine for this model.');
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Host-side inputs (the same arithmetic as decoderForward)
-
-export interface CacheBook {
-  /** Per row: the position id of each cached entry, -1 for padding. */
-  keyPos: number[][];
-  /** Per row: the position id the next real token gets. */
-  nextPos: number[];
-  length: number;
-}
-
-export interface HostInputs {
-  /** [B, T]: position of each token (padding: 1). */
-  positions: Int32Array;
-  /** Per row: the new entries' key positions (-1 for padding). */
-  newKeyPos: number[][];
-  /** [B, 1, nRep*T, L] additive bias, row r*T+i = query i. */
-  bias: Float32Array;
-  /** [B, T, hd] */
-  cos: Float32Array;
-  sin: Float32Array;
-}
-
-/** Positions, the grouped attention bias and the RoPE tables, exactly as decoderForward builds them. */
-export function hostInputs(c: DecoderConfig, invFreq: Float32Array, book: CacheBook, B: number, T: number, mask: ArrayLike<number> | undefined, tree?: TreeMaskArgs): HostInputs {
-  const nRep = c.numHeads / c.numKvHeads;
-  const hd = c.headDim;
-  const S = book.length;
-  const L = S + T;
-  const positions = new Int32Array(B * T);
-  const newKeyPos: number[][] = [];
-  for (let b = 0; b < B; b++) {
-    let p = book.nextPos[b];
-    const rowPos: number[] = [];
-    for (let t = 0; t < T; t++) {
-      const real = mask ? mask[b * T + t] !== 0 : true;
-      positions[b * T + t] = real ? p : 1; // padding gets position 1, as transformers does; it is masked anyway
-      rowPos.push(real ? p : -1);
-      if (real) p++;
-    }
-    newKeyPos.push(rowPos);
-  }
-  if (tree) {
-    // Tree attention (batch 1, no padding): the given positions, as decoderForward's treeMask.
-    for (let t = 0; t < T; t++) {
-      positions[t] = tree.positions[t];
-      newKeyPos[0][t] = tree.positions[t];
-    }
-  }
-  const bias = new Float32Array(B * nRep * T * L);
-  const window = c.slidingWindow;
-  for (let b = 0; b < B; b++) {
-    const keyPos = book.keyPos[b].concat(newKeyPos[b]); // [L]
-    for (let i = 0; i < T; i++) {
-      const qIndex = S + i;
-      const qPos = newKeyPos[b][i];
-      const row = (b * nRep * T + i) * L;
-      for (let j = 0; j < L; j++) {
-        const kp = keyPos[j];
-        const ok = tree
-          ? kp >= 0 && (j < S || tree.mask[i * T + (j - S)] !== 0) && kp <= qPos && (window === null || qPos - kp < window)
-          : kp >= 0 && j <= qIndex && (qPos < 0 || (kp <= qPos && (window === null || qPos - kp < window)));
-        bias[row + j] = ok ? 0 : MASKED;
-      }
-      for (let r = 1; r < nRep; r++) bias.copyWithin(row + r * T * L, row, row + L);
-    }
-  }
-  const half = hd / 2;
-  const cos = new Float32Array(B * T * hd);
-  const sin = new Float32Array(B * T * hd);
-  for (let n = 0; n < B * T; n++) {
-    const pos = positions[n];
-    for (let i = 0; i < half; i++) {
-      const f = Math.fround(pos * invFreq[i]);
-      const cv = Math.fround(Math.cos(f));
-      const sv = Math.fround(Math.sin(f));
-      cos[n * hd + i] = cv;
-      cos[n * hd + half + i] = cv;
-      sin[n * hd + i] = sv;
-      sin[n * hd + half + i] = sv;
-    }
-  }
-  return { positions, newKeyPos, bias, cos, sin };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -178,7 +86,7 @@ export async function buildDecoderGraph(model: Decoder): Promise<Uint8Array> {
   const V = c.vocabSize;
   const g = new GraphBuilder(`medusa-train-${c.architecture}`);
   const weight = async (name: string, t: tf.Tensor): Promise<string> => g.initializer(name, 'float32', t.shape, await hostData(t));
-  // Small constants get their own names: GraphBuilder.constant() claims its fresh name twice and throws.
+  // Small constants, named for readability of the graph.
   let constants = 0;
   const i64 = (vals: number[], prefix = 'shape'): string => g.initializer(`k${constants++}:${prefix}`, 'int64', [vals.length], vals);
   const f32 = (v: number, prefix = 'scalar'): string => g.initializer(`k${constants++}:${prefix}`, 'float32', [], [v]);

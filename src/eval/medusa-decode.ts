@@ -1,6 +1,6 @@
 /**
  * Medusa decoding with greedy acceptance (the reference `medusa_generate` at temperature 0), on the
- * tfjs engine (`medusaGenerateGreedy`) or any backbone (`medusaGenerateGreedyOn`), batch 1.
+ * any backbone engine (`medusaGenerateGreedyOn`; `medusaGenerateGreedy` = on tfjs), batch 1.
  *
  * Each step: the base token is the argmax of the last accepted position's logits; the heads read
  * that position's hidden state and propose their top-k tokens; the candidate tree (DESIGN.md §2) is
@@ -12,12 +12,12 @@
  */
 import * as tf from '@tensorflow/tfjs';
 import { fail } from '../errors.js';
-import { decoderForward, disposeCache, emptyCache, keepCacheEntries, type Decoder, type KVCache } from '../model/decoder.js';
+import type { Decoder } from '../model/decoder.js';
 import type { MedusaHeads } from '../model/heads.js';
 import { argmax } from '../model/sampling.js';
 import { treeBuffers, validateChoices, type TreeBuffers } from './tree.js';
 import type { DecoderConfig } from '../model/config.js';
-import type { Backbone } from '../engines/decoder-engine.js';
+import { tfjsBackbone, type Backbone } from '../engines/decoder-engine.js';
 import { greedyAccept } from './acceptance.js';
 
 export interface MedusaDecodeOptions {
@@ -65,13 +65,7 @@ export function headsTopK(heads: MedusaHeads, hidden: tf.Tensor2D, topk: number)
   return Array.from({ length: K }, (_, k) => Array.from(data.subarray(k * topk, (k + 1) * topk)));
 }
 
-/** Hidden state of one position of a [1, T, d] tensor, as [1, d]. */
-function rowOf(hidden: tf.Tensor3D, t: number): tf.Tensor2D {
-  const d = hidden.shape[2];
-  return tf.tidy(() => tf.reshape(tf.slice(hidden, [0, t, 0], [1, 1, d]), [1, d]) as tf.Tensor2D);
-}
-
-/** Validated inputs and the tree buffers shared by both drivers. */
+/** Validated inputs and the tree buffers. */
 function prepare(c: DecoderConfig, heads: MedusaHeads, prompt: number[], o: MedusaDecodeOptions): TreeBuffers {
   const V = c.vocabSize;
   if (prompt.length === 0) fail('E_USAGE', 'The prompt needs at least one token.');
@@ -112,113 +106,10 @@ function acceptNodes(tree: TreeBuffers, treeTokens: number[], logits: Float32Arr
   return Array.from(tree.retrieveIndices.subarray(best * W, best * W + bestLen + 1));
 }
 
-/** What the shared loop needs from its driver besides proposals and verification (requested by yielding). */
-interface LoopCache {
-  cacheLength(): number;
-  /** Position id of the next token. */
-  nextPos(): number;
-  /** Prune the cache to `keep` and make tree node `last`'s hidden state the heads' next input. */
-  commit(keep: number[], last: number): void;
-}
-
-/** The shared loop, written once as a generator so both the sync (tfjs) and async (any backbone) drivers can run it. */
-function* medusaLoop(tree: TreeBuffers, V: number, firstLogits: Float32Array, o: MedusaDecodeOptions, d: LoopCache): Generator<LoopRequest, MedusaDecodeResult, number[][] | Float32Array> {
-  const eos = new Set(o.eosIds);
-  const tokens: number[] = [];
-  const acceptLengths: number[] = [];
-  let steps = 0;
-  let lastLogits = firstLogits;
-  const emit = (tok: number): boolean => {
-    tokens.push(tok);
-    return eos.has(tok) || tokens.length >= o.maxNewTokens;
-  };
-  for (;;) {
-    steps++;
-    const base = argmax(lastLogits, 0, V);
-    if (emit(base)) {
-      acceptLengths.push(0);
-      break;
-    }
-    const proposals = o.candidateOverride
-      ? o.candidateOverride({ step: steps - 1, generated: tokens.length })
-      : ((yield { kind: 'propose' }) as number[][]);
-    const treeTokens = treeTokensOf(tree, o, base, proposals);
-    // One verification forward over every node.
-    const S = d.cacheLength();
-    const start = d.nextPos();
-    const positions = Int32Array.from(tree.positionOffsets, (p) => start + p);
-    const logits = (yield { kind: 'verify', treeTokens, positions }) as Float32Array; // [N, V]
-    const accepted = acceptNodes(tree, treeTokens, logits, V); // root first
-    const bestLen = accepted.length - 1;
-    let done = false;
-    let emitted = 0;
-    for (let dd = 1; dd <= bestLen && !done; dd++) {
-      done = emit(treeTokens[accepted[dd]]);
-      emitted++;
-    }
-    acceptLengths.push(emitted);
-    if (done) break;
-    const last = accepted[bestLen];
-    d.commit([...Array.from({ length: S }, (_, i) => i), ...accepted.map((n) => S + n)], last);
-    lastLogits = logits.subarray(last * V, (last + 1) * V);
-  }
-  return { tokens, steps, tokensPerStep: tokens.length / steps, acceptLengths };
-}
-
-type LoopRequest = { kind: 'propose' } | { kind: 'verify'; treeTokens: number[]; positions: Int32Array };
-
-export function medusaGenerateGreedy(model: Decoder, heads: MedusaHeads, prompt: number[], o: MedusaDecodeOptions): MedusaDecodeResult {
-  const c = model.config;
-  const V = c.vocabSize;
-  const tree = prepare(c, heads, prompt, o);
-  const N = tree.nodes;
-
-  const cache: KVCache = emptyCache(1);
-  let lastHidden: tf.Tensor2D | null = null;
-  let treeHidden: tf.Tensor3D | null = null;
-  try {
-    // Prefill.
-    const pre = decoderForward(model, { ids: prompt, batch: 1, seqLen: prompt.length, cache, logits: 'last' });
-    const firstLogits = pre.logits!.dataSync() as Float32Array; // [V]
-    lastHidden = rowOf(pre.hidden, prompt.length - 1);
-    pre.hidden.dispose();
-    pre.logits!.dispose();
-    const loop = medusaLoop(tree, V, firstLogits, o, {
-      cacheLength: () => cache.length,
-      nextPos: () => cache.nextPos[0],
-      commit: (keep, last) => {
-        keepCacheEntries(cache, keep);
-        lastHidden!.dispose();
-        lastHidden = rowOf(treeHidden!, last);
-      },
-    });
-    let reply: number[][] | Float32Array | undefined;
-    for (;;) {
-      const r = reply === undefined ? loop.next() : loop.next(reply);
-      if (r.done) return r.value;
-      const req = r.value;
-      if (req.kind === 'propose') {
-        reply = headsTopK(heads, lastHidden!, o.topk);
-      } else {
-        treeHidden?.dispose();
-        treeHidden = null;
-        const fwd = decoderForward(model, { ids: req.treeTokens, batch: 1, seqLen: N, cache, logits: 'all', treeMask: { mask: tree.attentionMask, positions: req.positions } });
-        treeHidden = fwd.hidden;
-        reply = fwd.logits!.dataSync() as Float32Array; // [N, V]
-        fwd.logits!.dispose();
-      }
-    }
-  } finally {
-    treeHidden?.dispose();
-    lastHidden?.dispose();
-    disposeCache(cache);
-  }
-}
-
 /**
- * Medusa greedy decoding on any backbone (tfjs or onnx): the same loop as `medusaGenerateGreedy`, the
- * tree verified by the backbone's tree-masked forward and the cache pruned with `keepEntries`; the
- * heads stay on tfjs and read the backbone's host hidden state of the last accepted node.
+ * Medusa greedy decoding on any backbone (tfjs or onnx), batch 1: the tree verified by the backbone's
+ * tree-masked forward and the cache pruned with `keepEntries`; the heads stay on tfjs and read the
+ * backbone's host hidden state of the last accepted node.
  */
 export async function medusaGenerateGreedyOn(backbone: Backbone, heads: MedusaHeads, prompt: number[], o: MedusaDecodeOptions): Promise<MedusaDecodeResult> {
   const c = backbone.config;
@@ -226,40 +117,65 @@ export async function medusaGenerateGreedyOn(backbone: Backbone, heads: MedusaHe
   const d = c.hiddenSize;
   const tree = prepare(c, heads, prompt, o);
   const N = tree.nodes;
+  const eos = new Set(o.eosIds);
+  const tokens: number[] = [];
+  const acceptLengths: number[] = [];
+  let steps = 0;
+  const emit = (tok: number): boolean => {
+    tokens.push(tok);
+    return eos.has(tok) || tokens.length >= o.maxNewTokens;
+  };
+  const propose = (hidden: Float32Array): number[][] => {
+    const h = tf.tensor2d(hidden, [1, d]); // [1, d]
+    try {
+      return headsTopK(heads, h, o.topk);
+    } finally {
+      h.dispose();
+    }
+  };
   const cache = backbone.newCache(1);
   try {
     const pre = await backbone.forward({ ids: prompt, batch: 1, seqLen: prompt.length, cache, logits: 'last' });
     // Host copies: an engine may reuse its output buffers.
     let lastHidden = pre.hidden.slice((prompt.length - 1) * d, prompt.length * d); // [d]
-    let treeHidden: Float32Array | null = null; // [N, d]
-    const loop = medusaLoop(tree, V, pre.logits!.slice(0, V), o, {
-      cacheLength: () => cache.length,
-      // Batch 1 without padding, positions contiguous from 0 (prompt, then the accepted nodes): the next position is the length.
-      nextPos: () => cache.length,
-      commit: (keep, last) => {
-        cache.keepEntries(keep);
-        lastHidden = treeHidden!.slice(last * d, (last + 1) * d);
-      },
-    });
-    let reply: number[][] | Float32Array | undefined;
+    let lastLogits = pre.logits!.slice(0, V); // [V]
     for (;;) {
-      const r = reply === undefined ? loop.next() : loop.next(reply);
-      if (r.done) return r.value;
-      const req = r.value;
-      if (req.kind === 'propose') {
-        const h = tf.tensor2d(lastHidden, [1, d]);
-        try {
-          reply = headsTopK(heads, h, o.topk);
-        } finally {
-          h.dispose();
-        }
-      } else {
-        const fwd = await backbone.forward({ ids: req.treeTokens, batch: 1, seqLen: N, cache, logits: 'all', treeMask: { mask: tree.attentionMask, positions: req.positions } });
-        treeHidden = fwd.hidden;
-        reply = fwd.logits!; // [N, V]
+      steps++;
+      const base = argmax(lastLogits, 0, V);
+      if (emit(base)) {
+        acceptLengths.push(0);
+        break;
       }
+      const proposals = o.candidateOverride ? o.candidateOverride({ step: steps - 1, generated: tokens.length }) : propose(lastHidden);
+      const treeTokens = treeTokensOf(tree, o, base, proposals);
+      // One verification forward over every node. Batch 1 without padding: positions run 0, 1, ... through the
+      // prompt and the accepted nodes, so the next position is the cache length.
+      const S = cache.length;
+      const positions = Int32Array.from(tree.positionOffsets, (p) => S + p);
+      const fwd = await backbone.forward({ ids: treeTokens, batch: 1, seqLen: N, cache, logits: 'all', treeMask: { mask: tree.attentionMask, positions } });
+      const logits = fwd.logits!; // [N, V]
+      const accepted = acceptNodes(tree, treeTokens, logits, V); // root first
+      const bestLen = accepted.length - 1;
+      let done = false;
+      let emitted = 0;
+      for (let dd = 1; dd <= bestLen && !done; dd++) {
+        done = emit(treeTokens[accepted[dd]]);
+        emitted++;
+      }
+      acceptLengths.push(emitted);
+      if (done) break;
+      const last = accepted[bestLen];
+      cache.keepEntries([...Array.from({ length: S }, (_, i) => i), ...accepted.map((n) => S + n)]);
+      lastHidden = fwd.hidden.slice(last * d, (last + 1) * d);
+      lastLogits = logits.slice(last * V, (last + 1) * V);
     }
   } finally {
     cache.dispose();
   }
+  return { tokens, steps, tokensPerStep: tokens.length / steps, acceptLengths };
+}
+
+/** Medusa greedy decoding on the tfjs engine (the reference path of `medusaGenerateGreedyOn`). */
+export function medusaGenerateGreedy(model: Decoder, heads: MedusaHeads, prompt: number[], o: MedusaDecodeOptions): Promise<MedusaDecodeResult> {
+  return medusaGenerateGreedyOn(tfjsBackbone(model), heads, prompt, o);
 }

@@ -91,6 +91,95 @@ export interface ForwardResult {
 const LOOP_ATTENTION_MIN_QUERY = 8;
 const MASKED = -1e9;
 
+// ---------------------------------------------------------------------------------------------
+// Host-side inputs of a forward: positions, key positions, the attention bias and RoPE tables.
+// One implementation for every engine (tfjs here, onnxruntime in engines/onnx-decoder.ts).
+
+export interface CacheBook {
+  /** Per row: the position id of each cached entry, -1 for padding. */
+  keyPos: number[][];
+  /** Per row: the position id the next real token gets. */
+  nextPos: number[];
+  length: number;
+}
+
+export interface HostInputs {
+  /** [B, T]: position of each token (padding: 1). */
+  positions: Int32Array;
+  /** Per row: the new entries' key positions (-1 for padding). */
+  newKeyPos: number[][];
+  /** [B, nRep*T, L] additive bias (0 or MASKED), row r*T+i = query i. */
+  bias: Float32Array;
+  /** [B, T, hd] */
+  cos: Float32Array;
+  sin: Float32Array;
+}
+
+/**
+ * Positions from the mask (or the tree's), the grouped additive attention bias [B, nRep*T, L] (row r*T+i =
+ * query i, the same for every head of a kv group) and the RoPE cos/sin tables [B*T, hd].
+ */
+export function hostInputs(c: DecoderConfig, invFreq: Float32Array, book: CacheBook, B: number, T: number, mask: ArrayLike<number> | undefined, tree?: TreeMask): HostInputs {
+  const nRep = c.numHeads / c.numKvHeads;
+  const hd = c.headDim;
+  const S = book.length;
+  const L = S + T;
+  const positions = new Int32Array(B * T);
+  const newKeyPos: number[][] = [];
+  for (let b = 0; b < B; b++) {
+    let p = book.nextPos[b];
+    const rowPos: number[] = [];
+    for (let t = 0; t < T; t++) {
+      const real = mask ? mask[b * T + t] !== 0 : true;
+      positions[b * T + t] = real ? p : 1; // padding gets position 1, as transformers does; it is masked anyway
+      rowPos.push(real ? p : -1);
+      if (real) p++;
+    }
+    newKeyPos.push(rowPos);
+  }
+  if (tree) {
+    // Tree attention (batch 1, no padding): the given positions, as decoderForward's treeMask.
+    for (let t = 0; t < T; t++) {
+      positions[t] = tree.positions[t];
+      newKeyPos[0][t] = tree.positions[t];
+    }
+  }
+  const bias = new Float32Array(B * nRep * T * L);
+  const window = c.slidingWindow;
+  for (let b = 0; b < B; b++) {
+    const keyPos = book.keyPos[b].concat(newKeyPos[b]); // [L]
+    for (let i = 0; i < T; i++) {
+      const qIndex = S + i;
+      const qPos = newKeyPos[b][i];
+      const row = (b * nRep * T + i) * L;
+      for (let j = 0; j < L; j++) {
+        const kp = keyPos[j];
+        const ok = tree
+          ? kp >= 0 && (j < S || tree.mask[i * T + (j - S)] !== 0) && kp <= qPos && (window === null || qPos - kp < window)
+          : kp >= 0 && j <= qIndex && (qPos < 0 || (kp <= qPos && (window === null || qPos - kp < window)));
+        bias[row + j] = ok ? 0 : MASKED;
+      }
+      for (let r = 1; r < nRep; r++) bias.copyWithin(row + r * T * L, row, row + L);
+    }
+  }
+  const half = hd / 2;
+  const cos = new Float32Array(B * T * hd);
+  const sin = new Float32Array(B * T * hd);
+  for (let n = 0; n < B * T; n++) {
+    const pos = positions[n];
+    for (let i = 0; i < half; i++) {
+      const f = Math.fround(pos * invFreq[i]);
+      const cv = Math.fround(Math.cos(f));
+      const sv = Math.fround(Math.sin(f));
+      cos[n * hd + i] = cv;
+      cos[n * hd + half + i] = cv;
+      sin[n * hd + i] = sv;
+      sin[n * hd + half + i] = sv;
+    }
+  }
+  return { positions, newKeyPos, bias, cos, sin };
+}
+
 export function decoderForward(model: Decoder, args: ForwardArgs): ForwardResult {
   const c = model.config;
   const { batch: B, seqLen: T } = args;
@@ -117,61 +206,9 @@ export function decoderForward(model: Decoder, args: ForwardArgs): ForwardResult
   const S = cache.length;
   const L = S + T;
 
-  // --- host-side bookkeeping: positions, key positions, attention bias ------------------------------
-  const positions = new Int32Array(B * T); // [B, T]
-  const newKeyPos: number[][] = [];
-  for (let b = 0; b < B; b++) {
-    let p = cache.nextPos[b];
-    const rowPos: number[] = [];
-    for (let t = 0; t < T; t++) {
-      const real = args.mask ? args.mask[b * T + t] !== 0 : true;
-      positions[b * T + t] = real ? p : 1; // padding gets position 1, as transformers does; it is masked anyway
-      rowPos.push(real ? p : -1);
-      if (real) p++;
-    }
-    newKeyPos.push(rowPos);
-  }
-  if (tree) {
-    for (let t = 0; t < T; t++) {
-      positions[t] = tree.positions[t];
-      newKeyPos[0][t] = tree.positions[t];
-    }
-  }
-  // Grouped bias [B, nRep*T, L]: row r*T+i is query i (the same for every head of a kv group).
-  const bias = new Float32Array(B * nRep * T * L);
-  const window = c.slidingWindow;
-  for (let b = 0; b < B; b++) {
-    const keyPos = cache.keyPos[b].concat(newKeyPos[b]); // [L]
-    for (let i = 0; i < T; i++) {
-      const qIndex = S + i;
-      const qPos = newKeyPos[b][i];
-      const row = (b * nRep * T + i) * L;
-      for (let j = 0; j < L; j++) {
-        const kp = keyPos[j];
-        const ok = tree
-          ? kp >= 0 && (j < S || tree.mask[i * T + (j - S)] !== 0) && kp <= qPos && (window === null || qPos - kp < window)
-          : kp >= 0 && j <= qIndex && (qPos < 0 || (kp <= qPos && (window === null || qPos - kp < window)));
-        bias[row + j] = ok ? 0 : MASKED;
-      }
-      for (let r = 1; r < nRep; r++) bias.copyWithin(row + r * T * L, row, row + L);
-    }
-  }
-  // Rotary tables [B*T, hd]: cos/sin of position * inv_freq, duplicated over both halves.
+  // --- host-side bookkeeping: positions, key positions, attention bias, RoPE tables -------------------
+  const { newKeyPos, bias, cos: cosData, sin: sinData } = hostInputs(c, model.invFreq, cache, B, T, args.mask, tree);
   const half = hd / 2;
-  const cosData = new Float32Array(B * T * hd);
-  const sinData = new Float32Array(B * T * hd);
-  for (let n = 0; n < B * T; n++) {
-    const pos = positions[n];
-    for (let i = 0; i < half; i++) {
-      const f = Math.fround(pos * model.invFreq[i]);
-      const cv = Math.fround(Math.cos(f));
-      const sv = Math.fround(Math.sin(f));
-      cosData[n * hd + i] = cv;
-      cosData[n * hd + half + i] = cv;
-      sinData[n * hd + i] = sv;
-      sinData[n * hd + half + i] = sv;
-    }
-  }
 
   let logitsOut: tf.Tensor3D | null = null;
   const newK: tf.Tensor4D[] = [];
