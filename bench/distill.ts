@@ -65,7 +65,7 @@ async function main(): Promise<void> {
   disposeWeights(decoder.weights);
 
   // Our server in its own process, so client and server do not share one thread.
-  const child = spawn(process.execPath, ['dist/src/cli.js', 'serve', '--model', model, '--port', '0', '--max-batch', '16', '--backend', 'wasm'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(process.execPath, ['dist/src/bin.js', 'serve', '--model', model, '--port', '0', '--max-batch', '16', '--backend', 'wasm'], { stdio: ['ignore', 'ignore', 'pipe'] });
   const url = await new Promise<string>((resolve, reject) => {
     let buf = '';
     const timer = setTimeout(() => reject(new Error('server did not start in 60 s')), 60_000);

@@ -1,11 +1,9 @@
-#!/usr/bin/env node
 /**
- * The medusa-train command line. The only module that prints for the user's commands and the only
- * one that exits the process: everything below throws MedusaError, which `main` turns into a
+ * The medusa-train command line (the executable is src/bin.ts). The only module that prints for the
+ * user's commands; only it and bin.ts end the process: everything below throws MedusaError, which `main` turns into a
  * one-line message and the error's exit code.
  */
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
-import { fileURLToPath } from 'node:url';
 import * as fs from 'node:fs';
 import { MedusaError, isMedusaError, describe } from './errors.js';
 import { BACKEND_CHOICES, initBackend, type BackendChoice } from './backend.js';
@@ -23,7 +21,6 @@ import { runEval, formatEval } from './recipes/eval.js';
 import { ensureEmbeddedModel } from './model/tiny.js';
 import { PROMPT_FORMATS, type PromptFormat } from './data/prompts.js';
 import { VERSION } from './version.js';
-import { reexecWithAllocatorSettings, watchParent } from './process.js';
 
 function intArg(name: string, min: number, max: number) {
   return (v: string): number => {
@@ -332,10 +329,4 @@ export async function main(argv: string[], io: Io = defaultIo): Promise<number> 
     io.err(`internal error: ${describe(e)}\n${e instanceof Error ? e.stack ?? '' : ''}\nThis is a bug in medusa-train; please report it with the command line above.`);
     return 70;
   }
-}
-
-const isEntryPoint = process.argv[1] !== undefined && fs.realpathSync(process.argv[1]) === fileURLToPath(import.meta.url);
-if (isEntryPoint && !reexecWithAllocatorSettings()) {
-  if (process.env['MEDUSA_TRAIN_REEXEC'] === '1') watchParent();
-  main(process.argv.slice(2)).then((code) => process.exit(code));
 }

@@ -7,7 +7,8 @@ import { constants as osConstants } from 'node:os';
 
 /**
  * Allocator settings that decide native-engine speed on this kind of VM (it hands out fresh memory slowly;
- * onnxruntime and PyTorch ran 3-5x faster with them). glibc reads them only at process start, so the CLI
+ * onnxruntime and PyTorch ran 3-5x faster with them in the design brief's measurements; on our own graphs the
+ * difference was within noise, see docs/PERFORMANCE.md). glibc reads them only at process start, so the CLI
  * re-executes itself once with them set. MEDUSA_TRAIN_NO_REEXEC=1 turns this off.
  */
 export const MALLOC_ENV: Readonly<Record<string, string>> = {

@@ -220,8 +220,8 @@ describe('train and demo through the CLI', () => {
   }, 120_000);
 });
 
-test('the built bin (dist/src/cli.js, what `npx medusa-train` runs) is executable and answers', () => {
-  const r = spawnSync(path.resolve('dist/src/cli.js'), ['--version'], { encoding: 'utf8', env: { ...process.env, MEDUSA_TRAIN_NO_REEXEC: '1' } });
+test.each(['0', '1'])('the built bin (dist/src/bin.js, what `npx medusa-train` runs) is executable and answers (MEDUSA_TRAIN_NO_REEXEC=%s)', (noReexec) => {
+  const r = spawnSync(path.resolve('dist/src/bin.js'), ['--version'], { encoding: 'utf8', env: { ...process.env, MEDUSA_TRAIN_NO_REEXEC: noReexec } });
   expect(r.error).toBeUndefined();
   expect(r.status).toBe(0);
   expect(r.stdout.trim()).toMatch(/^\d+\.\d+\.\d+$/);

@@ -202,7 +202,7 @@ describe('inputs and accounting', () => {
 
 describe('kill -9 and resume', () => {
   function spawnDistill(out: string, prompts: string): ReturnType<typeof spawn> {
-    return spawn(process.execPath, ['dist/src/cli.js', 'distill', '--input', prompts, '--out', out, '--model', model, '--temperature', '0.7', '--seed', '9',
+    return spawn(process.execPath, ['dist/src/bin.js', 'distill', '--input', prompts, '--out', out, '--model', model, '--temperature', '0.7', '--seed', '9',
       '--max-new-tokens', '48', '--shard-size', '3', '--batch-size', '2', '--teacher-topk', '2', '--no-progress', '--backend', 'wasm'],
     // no re-exec: SIGKILL must hit the process that writes the dataset
     { stdio: 'ignore', env: { ...process.env, MEDUSA_TRAIN_NO_REEXEC: '1' } });

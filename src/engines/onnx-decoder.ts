@@ -38,6 +38,7 @@ import { describe, fail } from '../errors.js';
 import { GraphBuilder } from '../io/onnx.js';
 import { parameterCount, type DecoderConfig } from '../model/config.js';
 import { hostInputs, type CacheBook, type Decoder, type TreeMask } from '../model/decoder.js';
+import { createSession } from './ort.js';
 import type { Backbone, BackboneCache, BackboneForwardArgs, BackboneForwardResult, OnnxBackboneOptions } from './decoder-engine.js';
 
 /** A ModelProto is one protobuf message: at most 2 GiB. */
@@ -343,15 +344,7 @@ export async function createOnnxBackbone(decoder: Decoder, o: OnnxBackboneOption
   let bytes: Uint8Array | null = await buildDecoderGraph(decoder);
   let session: ort.InferenceSession;
   try {
-    session = await ort.InferenceSession.create(bytes, {
-      intraOpNumThreads: threads,
-      interOpNumThreads: 1,
-      executionMode: 'sequential',
-      graphOptimizationLevel: 'all',
-      logSeverityLevel: 3,
-    });
-  } catch (e) {
-    fail('E_ENGINE', `onnxruntime could not load the decoder graph (${decoder.config.architecture}, ${bytes.length} bytes): ${describe(e)}`, e);
+    session = await createSession(ort, bytes, threads, `decoder graph (${decoder.config.architecture}, ${bytes.length} bytes)`);
   } finally {
     bytes = null;
   }

@@ -4,9 +4,9 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { createHash } from 'node:crypto';
 import { fail } from '../errors.js';
 import { readJsonFile, readJsonIfExists } from '../io/json.js';
+import { sha256File } from '../io/hash.js';
 import { openSafetensorsFolder, type ShardedModel } from '../io/safetensors.js';
 import { parseDecoderConfig, type DecoderConfig } from './config.js';
 import { checkTensorSet, loadDecoderWeights, type LoadReport } from './weights.js';
@@ -35,7 +35,7 @@ export function openModelFolder(dir: string): ModelFolder {
   const gen = readJsonIfExists(genPath);
   const config = parseDecoderConfig(raw, configPath, gen);
   const shards = openSafetensorsFolder(dir);
-  const configHash = createHash('sha256').update(fs.readFileSync(configPath)).digest('hex');
+  const configHash = sha256File(configPath);
   return { dir, config, rawConfig: raw as Record<string, unknown>, generationConfig: gen as Record<string, unknown> | undefined, shards, configHash };
 }
 

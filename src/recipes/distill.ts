@@ -11,7 +11,6 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { createHash } from 'node:crypto';
 import { fail } from '../errors.js';
 import { loadDecoder, openModelFolder } from '../model/load.js';
 import { disposeWeights } from '../model/weights.js';
@@ -80,19 +79,6 @@ export interface DistillSummary {
 }
 
 export const DISTILL_LIMITS = { maxShardSize: 100_000, maxBatchSize: 1024, maxInFlight: 1024, maxTopk: 1024 } as const;
-
-function sha256File(file: string): string {
-  const h = createHash('sha256');
-  const fd = fs.openSync(file, 'r');
-  try {
-    const buf = Buffer.allocUnsafe(1 << 20);
-    let n: number;
-    while ((n = fs.readSync(fd, buf, 0, buf.length, null)) > 0) h.update(buf.subarray(0, n));
-  } finally {
-    fs.closeSync(fd);
-  }
-  return h.digest('hex');
-}
 
 function checkArgs(a: DistillArgs): void {
   const bad: string[] = [];

@@ -13,10 +13,10 @@
 import { TREE_LIMITS, validateChoices, type MedusaChoices } from '../eval/tree.js';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { createHash } from 'node:crypto';
 import { MedusaError, describe, fail } from '../errors.js';
 import { fsyncDir, writeFileAtomic } from '../io/atomic.js';
 import { readJsonFile } from '../io/json.js';
+import { sha256File } from '../io/hash.js';
 import {
   f16BitsToF32,
   f32ToBf16Bits,
@@ -140,10 +140,6 @@ function isDir(p: string): boolean {
   } catch {
     return false;
   }
-}
-
-function sha256File(file: string): string {
-  return createHash('sha256').update(fs.readFileSync(file)).digest('hex');
 }
 
 function shapeText(s: RefShape): string {
