@@ -1,10 +1,10 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { MedusaError } from '../src/errors.js';
 import { Rng } from '../src/model/sampling.js';
 import { writeSafetensors } from '../src/io/safetensors.js';
 import { latestCheckpoint, listCheckpoints, loadCheckpoint, saveCheckpoint, type CheckpointData } from '../src/train/checkpoint.js';
+import { expectMedusa } from './helpers/errors.js';
 
 let tmpRoot: string;
 beforeAll(() => {
@@ -16,19 +16,6 @@ afterAll(() => {
 let counter = 0;
 const freshRun = (): string => path.join(tmpRoot, `run${counter++}`);
 
-function expectMedusa(fn: () => unknown, code: string, ...parts: string[]): MedusaError {
-  let caught: unknown;
-  try {
-    fn();
-  } catch (e) {
-    caught = e;
-  }
-  expect(caught).toBeInstanceOf(MedusaError);
-  const me = caught as MedusaError;
-  expect(me.code).toBe(code);
-  for (const p of parts) expect(me.message).toContain(p);
-  return me;
-}
 
 /** Random f32 values with full mantissas, plus the awkward ones: -0, subnormal, NaN with a payload, ±Inf. */
 function tensor(shape: number[], seed: number): { shape: number[]; data: Float32Array } {

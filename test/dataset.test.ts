@@ -20,6 +20,7 @@ import {
 } from 'apache-arrow';
 import { MedusaError } from '../src/errors.js';
 import { Rng } from '../src/model/sampling.js';
+import { expectMedusa } from './helpers/errors.js';
 import {
   DATASET_LIMITS,
   DatasetWriter,
@@ -49,21 +50,6 @@ function freshDir(): string {
   return path.join(tmpRoot, `d${counter++}`);
 }
 
-/** Assert fn throws a MedusaError with `code` whose message contains every string in `parts`. */
-function expectMedusa(fn: () => unknown, code: string, ...parts: string[]): MedusaError {
-  let caught: unknown;
-  try {
-    fn();
-  } catch (e) {
-    caught = e;
-  }
-  expect(caught).toBeInstanceOf(MedusaError);
-  const me = caught as MedusaError;
-  expect(me.code).toBe(code);
-  for (const p of parts) expect(me.message).toContain(p);
-  expect(me.message).not.toMatch(/\n\s+at /); // no raw stack in the message
-  return me;
-}
 
 /** Deterministic PRNG (mulberry32, the project's seeded generator). */
 function rng(seed: number): () => number {

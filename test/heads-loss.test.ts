@@ -3,25 +3,15 @@
  * (scripts/golden_heads.py -> test/fixtures/heads), per_head and shared lm_head, 1 and 2 layers;
  * chunked equals unchunked; the export/import layout round-trips.
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { initBackend } from '../src/backend.js';
-import { readHeader, readTensor, readTensorF32 } from '../src/io/safetensors.js';
 import { exportHeads, importHeads, initHeads, headTensorTable, disposeHeads, type MedusaHeads } from '../src/model/heads.js';
 import { headsLoss } from '../src/train/heads-loss.js';
+import { HEADS_CASES, HEADS_FIXTURES, loadHeadsCase, type HeadsCase } from './helpers/heads-fixtures.js';
 
-const DIR = path.resolve('test/fixtures/heads');
-interface Case { name: string; file: string; mode: 'per_head' | 'shared'; num_heads: number; num_layers: number; hidden_size: number; vocab_size: number; batch: number; seq_len: number; decay: number; heads_coefficient: number; trainable: string[] }
-const CASES = (JSON.parse(fs.readFileSync(path.join(DIR, 'index.json'), 'utf8')) as { heads: Case[] }).heads;
-
-function load(c: Case) {
-  const h = readHeader(path.join(DIR, c.file));
-  const f32 = (n: string): Float32Array => readTensorF32(h.tensors.get(n)!);
-  const f64 = (n: string): Float64Array => readTensor(h.tensors.get(n)!).data as Float64Array;
-  const ints = (n: string): number[] => Array.from(readTensor(h.tensors.get(n)!).data as BigInt64Array, Number);
-  return { h, f32, f64, ints };
-}
+type Case = HeadsCase;
+const CASES = HEADS_CASES;
+const load = loadHeadsCase;
 
 function transpose(data: Float32Array, rows: number, cols: number): Float32Array {
   const out = new Float32Array(data.length);

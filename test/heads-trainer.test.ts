@@ -5,11 +5,8 @@
  * agree after 3 optimizer steps with accumulation and clipping; optimizer state moves between engines;
  * a non-finite loss leaves everything unchanged; engine choice and fallback; no tfjs tensor leaks.
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { initBackend } from '../src/backend.js';
-import { readHeader, readTensor, readTensorF32 } from '../src/io/safetensors.js';
 import { headTensorTable, initHeads, trainableParams, exportHeads, type HeadsShape } from '../src/model/heads.js';
 import { Rng } from '../src/model/sampling.js';
 import { headsLoss } from '../src/train/heads-loss.js';
@@ -18,20 +15,13 @@ import { clipGradNorm } from '../src/train/clip.js';
 import { createHeadsTrainer, onnxAvailable, type HeadsBatch, type HeadsTrainer, type HeadsTrainerOptions, type HostTensors } from '../src/engines/heads-trainer.js';
 import { DISABLE_ORT_ENV, probeOrt, setOrtLoaderForTests } from '../src/engines/ort.js';
 import { createOnnxHeadsTrainer } from '../src/engines/onnx-heads.js';
+import { HEADS_CASES, HEADS_FIXTURES, loadHeadsCase, type HeadsCase } from './helpers/heads-fixtures.js';
 
 // onnxruntime outputs under Jest: see test/setup/realm.ts (jest setupFiles).
 
-const DIR = path.resolve('test/fixtures/heads');
-interface Case { name: string; file: string; mode: 'per_head' | 'shared'; num_heads: number; num_layers: number; hidden_size: number; vocab_size: number; batch: number; seq_len: number; decay: number; heads_coefficient: number; trainable: string[] }
-const CASES = (JSON.parse(fs.readFileSync(path.join(DIR, 'index.json'), 'utf8')) as { heads: Case[] }).heads;
-
-function load(c: Case) {
-  const h = readHeader(path.join(DIR, c.file));
-  const f32 = (n: string): Float32Array => readTensorF32(h.tensors.get(n)!);
-  const f64 = (n: string): Float64Array => readTensor(h.tensors.get(n)!).data as Float64Array;
-  const ints = (n: string): number[] => Array.from(readTensor(h.tensors.get(n)!).data as BigInt64Array, Number);
-  return { f32, f64, ints };
-}
+type Case = HeadsCase;
+const CASES = HEADS_CASES;
+const load = loadHeadsCase;
 
 /** max |a - b| / max |b| */
 function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {

@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { MedusaError } from '../src/errors.js';
+import { expectMedusa } from './helpers/errors.js';
 import {
   DEFAULT_LIMITS,
   DTYPE_BYTES,
@@ -55,20 +55,6 @@ function writeRaw(bytes: Uint8Array, name?: string): string {
   return p;
 }
 
-/** Assert fn throws a MedusaError with `code` whose message contains every string in `parts`. */
-function expectMedusa(fn: () => unknown, code: string, ...parts: string[]): MedusaError {
-  expect(fn).toThrow(MedusaError);
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  const me = err as MedusaError;
-  expect(me.code).toBe(code);
-  for (const p of parts) expect(me.message).toContain(p);
-  return me;
-}
 
 function bytesOf(a: ArrayBufferView): Uint8Array {
   return new Uint8Array(a.buffer, a.byteOffset, a.byteLength);

@@ -1,12 +1,12 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { MedusaError } from '../src/errors.js';
 import { Rng } from '../src/model/sampling.js';
 import { DatasetWriter, type DistilledRecord } from '../src/data/dataset.js';
 import { countValid, loadExamples, padBatch, planEpoch, splitEval, type TrainExample } from '../src/data/batches.js';
 import { fingerprintTag, hiddenCacheBytes, openHiddenCache, type CacheDtype, type CacheKind } from '../src/data/hidden-cache.js';
 import { f16BitsToF32, f32ToF16Bits } from '../src/io/safetensors.js';
+import { expectMedusa } from './helpers/errors.js';
 
 let tmpRoot: string;
 beforeAll(() => {
@@ -18,19 +18,6 @@ afterAll(() => {
 let counter = 0;
 const freshDir = (): string => path.join(tmpRoot, `d${counter++}`);
 
-function expectMedusa(fn: () => unknown, code: string, ...parts: string[]): MedusaError {
-  let caught: unknown;
-  try {
-    fn();
-  } catch (e) {
-    caught = e;
-  }
-  expect(caught).toBeInstanceOf(MedusaError);
-  const me = caught as MedusaError;
-  expect(me.code).toBe(code);
-  for (const p of parts) expect(me.message).toContain(p);
-  return me;
-}
 
 const META = {
   base_model: '/models/tiny',
