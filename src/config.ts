@@ -11,6 +11,7 @@
  * Imports: errors, yaml, zod and Node builtins only (data flow: cli -> config -> recipes).
  */
 import { createHash } from 'node:crypto';
+import { writeFileAtomic } from './io/atomic.js';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import YAML, { isMap, isScalar, isSeq, type Node as YamlNode } from 'yaml';
@@ -593,22 +594,9 @@ export function shellQuote(arg: string): string {
 }
 
 function writeAtomic(file: string, text: string): void {
-  const tmp = `${file}.tmp-${process.pid}`;
   try {
-    const fd = fs.openSync(tmp, 'w');
-    try {
-      fs.writeFileSync(fd, text);
-      fs.fsyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-    fs.renameSync(tmp, file);
+    writeFileAtomic(file, [Buffer.from(text, 'utf8')]);
   } catch (e) {
-    try {
-      fs.unlinkSync(tmp);
-    } catch {
-      /* may not exist */
-    }
     fail('E_IO', `cannot write ${file} (${describeError(e)}); check that the run folder is writable`, e);
   }
 }
@@ -625,16 +613,6 @@ export function saveResolvedConfig(runDir: string, config: TrainConfig, commandL
   }
   writeAtomic(path.join(runDir, 'config.yaml'), renderConfigYaml(config, new Date()));
   writeAtomic(path.join(runDir, 'command.txt'), `${commandLine.map(shellQuote).join(' ')}\n`);
-  try {
-    const fd = fs.openSync(runDir, 'r');
-    try {
-      fs.fsyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-  } catch {
-    /* fsync of a folder is not supported everywhere */
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------
