@@ -226,3 +226,12 @@ export function disposeWeights(w: DecoderWeights): void {
   for (const l of w.layers) all.push(l.attnNorm, l.wqkv, l.bqkv, l.wo, l.bo, l.qNorm, l.kNorm, l.mlpNorm, l.wgu, l.wdown);
   for (const t of all) t?.dispose();
 }
+
+/** The base lm_head in PyTorch layout [V, d] (what `lm_head.weight` holds) on the host, from the internal [d, V]. */
+export function lmHeadReference(w: DecoderWeights): Float32Array {
+  const [d, V] = w.lmHead.shape;
+  const t = w.lmHead.dataSync() as Float32Array; // [d, V]
+  const out = new Float32Array(V * d); // [V, d]
+  for (let i = 0; i < d; i++) for (let j = 0; j < V; j++) out[j * d + i] = t[i * V + j];
+  return out;
+}

@@ -14,7 +14,7 @@ import { fail } from '../errors.js';
 import { initBackend, type BackendChoice } from '../backend.js';
 import { loadTrainConfig } from '../config.js';
 import { loadDecoder } from '../model/load.js';
-import { disposeWeights } from '../model/weights.js';
+import { disposeWeights, lmHeadReference } from '../model/weights.js';
 import { loadTokenizer } from '../data/tokenizer.js';
 import { loadExamples, padBatch, splitEval } from '../data/batches.js';
 import { latestCheckpoint, loadCheckpoint } from '../train/checkpoint.js';
@@ -86,9 +86,7 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
     const V = decoder.config.vocabSize;
     const backbone = await chooseBackbone(c.model.engine, decoder, a.log);
     cleanup.push(() => backbone.dispose());
-    const lmHeadT = decoder.weights.lmHead.dataSync() as Float32Array; // [d, V]
-    const baseLmHead = new Float32Array(V * d); // [V, d]
-    for (let i = 0; i < d; i++) for (let j = 0; j < V; j++) baseLmHead[j * d + i] = lmHeadT[i * V + j];
+    const baseLmHead = lmHeadReference(decoder.weights); // [V, d]
     const trainer = await createHeadsTrainer(c.model.engine, {
       shape: { numHeads: K, numLayers: c.heads.num_layers, hiddenSize: d, vocabSize: V, lmHead: c.heads.lm_head }, baseLmHead, seed: 0,
       betas: c.train.betas as [number, number], eps: c.train.eps, weightDecay: 0, decay: c.loss.decay, headsCoefficient: c.loss.heads_coefficient, chunkRows: c.loss.chunk_rows, maxGradNorm: null,

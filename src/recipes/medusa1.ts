@@ -17,7 +17,7 @@ import { fail } from '../errors.js';
 import { initBackend, currentBackend, type BackendChoice } from '../backend.js';
 import { configHash, saveResolvedConfig, type TrainConfig } from '../config.js';
 import { loadDecoder } from '../model/load.js';
-import { disposeWeights } from '../model/weights.js';
+import { disposeWeights, lmHeadReference } from '../model/weights.js';
 import { ensureEmbeddedModel } from '../model/tiny.js';
 import { loadTokenizer } from '../data/tokenizer.js';
 import { countValid, loadExamples, padBatch, planEpoch, splitEval, type PaddedBatch, type TrainExample } from '../data/batches.js';
@@ -131,9 +131,7 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
     cleanup.push(() => backbone.dispose());
     const d = decoder.config.hiddenSize;
     const V = decoder.config.vocabSize;
-    const lmHeadT = decoder.weights.lmHead.dataSync() as Float32Array; // [d, V]
-    const baseLmHead = new Float32Array(V * d); // [V, d], PyTorch layout
-    for (let i = 0; i < d; i++) for (let j = 0; j < V; j++) baseLmHead[j * d + i] = lmHeadT[i * V + j];
+    const baseLmHead = lmHeadReference(decoder.weights); // [V, d]
     const trainer: HeadsTrainer = await createHeadsTrainer(c.model.engine, {
       shape: { numHeads: K, numLayers: c.heads.num_layers, hiddenSize: d, vocabSize: V, lmHead: c.heads.lm_head },
       baseLmHead, seed: c.run.seed, betas: c.train.betas as [number, number], eps: c.train.eps, weightDecay: c.train.weight_decay,
