@@ -14,6 +14,7 @@ import { disposeHeads, initHeads, type MedusaHeads } from '../src/model/heads.js
 import { Rng } from '../src/model/sampling.js';
 import { disposeWeights } from '../src/model/weights.js';
 import { medusaGenerateGreedy, medusaGenerateGreedyOn } from '../src/eval/medusa-decode.js';
+import { tfjsProposer } from '../src/engines/heads-proposer.js';
 import { onnxBackbone, tfjsBackbone, type Backbone } from '../src/engines/decoder-engine.js';
 import { treeBuffers } from '../src/eval/tree.js';
 import { DECODER_FIXTURES, maxAbsDiff } from './helpers/golden.js';
@@ -278,7 +279,7 @@ describe.each(MODELS)('%s on a Backbone', (variant) => {
     for (const prompt of prompts) {
       const want = greedy(model, prompt, NEW);
       for (const heads of [random, fresh]) {
-        const r = await medusaGenerateGreedyOn(bb, heads, prompt, { choices, topk: TOPK, maxNewTokens: NEW, eosIds: [] });
+        const r = await medusaGenerateGreedyOn(bb, tfjsProposer(heads), prompt, { choices, topk: TOPK, maxNewTokens: NEW, eosIds: [] });
         expect(r.tokens).toEqual(want);
         expect(r.steps).toBe(r.acceptLengths.length);
         expect(r.steps + r.acceptLengths.reduce((a, b) => a + b, 0)).toBe(NEW);
@@ -296,10 +297,10 @@ describe.each(MODELS)('%s on a Backbone', (variant) => {
     const ref = tfjsBackbone(model);
     for (const prompt of randomPrompts(model.config.vocabSize, 3, 9)) {
       const sync = await medusaGenerateGreedy(model, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [] });
-      expect(await medusaGenerateGreedyOn(bb, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [] })).toEqual(sync);
-      expect(await medusaGenerateGreedyOn(ref, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [] })).toEqual(sync);
+      expect(await medusaGenerateGreedyOn(bb, tfjsProposer(heads), prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [] })).toEqual(sync);
+      expect(await medusaGenerateGreedyOn(ref, tfjsProposer(heads), prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [] })).toEqual(sync);
       const want = greedy(model, prompt, NEW + 4);
-      const chain = await medusaGenerateGreedyOn(bb, heads, prompt, {
+      const chain = await medusaGenerateGreedyOn(bb, tfjsProposer(heads), prompt, {
         choices: CHAIN, topk: 1, maxNewTokens: NEW, eosIds: [],
         candidateOverride: ({ generated }) => [0, 1, 2].map((k) => [want[generated + k]]),
       });
@@ -310,7 +311,7 @@ describe.each(MODELS)('%s on a Backbone', (variant) => {
     // eos stops like plain greedy.
     const prompt = [8, 9, 10];
     const eos = greedy(model, prompt, NEW)[7];
-    const r = await medusaGenerateGreedyOn(bb, heads, prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [eos] });
+    const r = await medusaGenerateGreedyOn(bb, tfjsProposer(heads), prompt, { choices: WIDE, topk: TOPK, maxNewTokens: NEW, eosIds: [eos] });
     expect(r.tokens).toEqual(greedy(model, prompt, NEW, [eos]));
     ref.dispose();
     disposeHeads(heads);

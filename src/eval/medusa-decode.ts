@@ -10,7 +10,6 @@
  * (ties: the first path), the cache keeps the prefix plus the accepted nodes, and the next step
  * starts from the last accepted node. The output equals plain greedy decoding token for token.
  */
-import * as tf from '@tensorflow/tfjs';
 import { fail } from '../errors.js';
 import type { Decoder } from '../model/decoder.js';
 import type { MedusaHeads } from '../model/heads.js';
@@ -18,6 +17,7 @@ import { argmax } from '../model/sampling.js';
 import { treeBuffers, validateChoices, type TreeBuffers } from './tree.js';
 import type { DecoderConfig } from '../model/config.js';
 import { tfjsBackbone, type Backbone } from '../engines/decoder-engine.js';
+import { tfjsProposer, type HeadsProposer } from '../engines/heads-proposer.js';
 import { greedyAccept } from './acceptance.js';
 
 export interface MedusaDecodeOptions {
@@ -45,39 +45,19 @@ export interface MedusaDecodeResult {
   acceptLengths: number[];
 }
 
-/** Each head's top-k token ids on one hidden state [1, d]: [numHeads][topk]. */
-export function headsTopK(heads: MedusaHeads, hidden: tf.Tensor2D, topk: number): number[][] {
-  const K = heads.shape.numHeads;
-  const ids = tf.tidy(() => {
-    const rows: tf.Tensor2D[] = [];
-    for (let k = 0; k < K; k++) {
-      let h: tf.Tensor2D = hidden; // [1, d]
-      for (const blk of heads.blocks[k]) {
-        const z = tf.add(tf.matMul(h, blk.w), blk.b); // [1, d]
-        h = tf.add(h, tf.mul(z, tf.sigmoid(z))); // [1, d]
-      }
-      rows.push(tf.matMul(h, heads.proj[k] ?? heads.baseLmHead)); // [1, V]
-    }
-    return tf.topk(tf.concat(rows, 0), topk).indices; // [K, topk]
-  });
-  const data = ids.dataSync();
-  ids.dispose();
-  return Array.from({ length: K }, (_, k) => Array.from(data.subarray(k * topk, (k + 1) * topk)));
-}
-
 /** Validated inputs and the tree buffers. */
-function prepare(c: DecoderConfig, heads: MedusaHeads, prompt: number[], o: MedusaDecodeOptions): TreeBuffers {
+function prepare(c: DecoderConfig, heads: HeadsProposer, prompt: number[], o: MedusaDecodeOptions): TreeBuffers {
   const V = c.vocabSize;
   if (prompt.length === 0) fail('E_USAGE', 'The prompt needs at least one token.');
   if (!Number.isInteger(o.maxNewTokens) || o.maxNewTokens < 1) fail('E_USAGE', `max_new_tokens must be a positive integer, got ${o.maxNewTokens}`);
   if (prompt.length + o.maxNewTokens > c.maxPositionEmbeddings) {
     fail('E_USAGE', `prompt (${prompt.length} tokens) + max_new_tokens (${o.maxNewTokens}) exceeds the model's max_position_embeddings (${c.maxPositionEmbeddings}).`);
   }
-  if (heads.shape.hiddenSize !== c.hiddenSize || heads.shape.vocabSize !== V) {
-    fail('E_USAGE', `heads are for hidden size ${heads.shape.hiddenSize} / vocab ${heads.shape.vocabSize}, the model has ${c.hiddenSize} / ${V}`);
+  if (heads.hiddenSize !== c.hiddenSize || heads.vocabSize !== V) {
+    fail('E_USAGE', `heads are for hidden size ${heads.hiddenSize} / vocab ${heads.vocabSize}, the model has ${c.hiddenSize} / ${V}`);
   }
   if (o.topk > V) fail('E_USAGE', `topk ${o.topk} exceeds the vocabulary size ${V}`);
-  validateChoices(o.choices, { numHeads: heads.shape.numHeads, topk: o.topk, where: 'medusa_choices' });
+  validateChoices(o.choices, { numHeads: heads.numHeads, topk: o.topk, where: 'medusa_choices' });
   return treeBuffers(o.choices, o.topk);
 }
 
@@ -108,10 +88,10 @@ function acceptNodes(tree: TreeBuffers, treeTokens: number[], logits: Float32Arr
 
 /**
  * Medusa greedy decoding on any backbone (tfjs or onnx), batch 1: the tree verified by the backbone's
- * tree-masked forward and the cache pruned with `keepEntries`; the heads stay on tfjs and read the
- * backbone's host hidden state of the last accepted node.
+ * tree-masked forward and the cache pruned with `keepEntries`; the heads (any `HeadsProposer`) read
+ * the backbone's host hidden state of the last accepted node.
  */
-export async function medusaGenerateGreedyOn(backbone: Backbone, heads: MedusaHeads, prompt: number[], o: MedusaDecodeOptions): Promise<MedusaDecodeResult> {
+export async function medusaGenerateGreedyOn(backbone: Backbone, heads: HeadsProposer, prompt: number[], o: MedusaDecodeOptions): Promise<MedusaDecodeResult> {
   const c = backbone.config;
   const V = c.vocabSize;
   const d = c.hiddenSize;
@@ -124,14 +104,6 @@ export async function medusaGenerateGreedyOn(backbone: Backbone, heads: MedusaHe
   const emit = (tok: number): boolean => {
     tokens.push(tok);
     return eos.has(tok) || tokens.length >= o.maxNewTokens;
-  };
-  const propose = (hidden: Float32Array): number[][] => {
-    const h = tf.tensor2d(hidden, [1, d]); // [1, d]
-    try {
-      return headsTopK(heads, h, o.topk);
-    } finally {
-      h.dispose();
-    }
   };
   const cache = backbone.newCache(1);
   try {
@@ -146,7 +118,7 @@ export async function medusaGenerateGreedyOn(backbone: Backbone, heads: MedusaHe
         acceptLengths.push(0);
         break;
       }
-      const proposals = o.candidateOverride ? o.candidateOverride({ step: steps - 1, generated: tokens.length }) : propose(lastHidden);
+      const proposals = o.candidateOverride ? o.candidateOverride({ step: steps - 1, generated: tokens.length }) : await heads.propose(lastHidden, o.topk);
       const treeTokens = treeTokensOf(tree, o, base, proposals);
       // One verification forward over every node. Batch 1 without padding: positions run 0, 1, ... through the
       // prompt and the accepted nodes, so the next position is the cache length.
@@ -177,5 +149,5 @@ export async function medusaGenerateGreedyOn(backbone: Backbone, heads: MedusaHe
 
 /** Medusa greedy decoding on the tfjs engine (the reference path of `medusaGenerateGreedyOn`). */
 export function medusaGenerateGreedy(model: Decoder, heads: MedusaHeads, prompt: number[], o: MedusaDecodeOptions): Promise<MedusaDecodeResult> {
-  return medusaGenerateGreedyOn(tfjsBackbone(model), heads, prompt, o);
+  return medusaGenerateGreedyOn(tfjsBackbone(model), tfjsProposer(heads), prompt, o);
 }

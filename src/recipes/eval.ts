@@ -25,6 +25,7 @@ import { TOPK_REPORTED } from '../train/heads-loss.js';
 import { disposeHeads, importHeads, initHeads } from '../model/heads.js';
 import { generateOn } from '../engines/backbone-generate.js';
 import { medusaGenerateGreedyOn } from '../eval/medusa-decode.js';
+import { tfjsProposer } from '../engines/heads-proposer.js';
 import { writeFileAtomic } from '../io/atomic.js';
 import { lineChartSvg } from '../report/chart.js';
 
@@ -127,13 +128,14 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
       const heads = initHeads({ numHeads: K, numLayers: c.heads.num_layers, hiddenSize: d, vocabSize: V, lmHead: c.heads.lm_head }, decoder.weights.lmHead, 0);
       cleanup.push(() => disposeHeads(heads));
       importHeads(heads, ck.heads, ckDir);
+      const proposer = tfjsProposer(heads);
       const eosIds = [...new Set([...decoder.config.eosTokenIds, ...tokenizer.eosIds])];
       const newTokens = a.speedNewTokens ?? 64;
       // prompts: each conversation up to its first generated token
       const prompts = examples.slice(0, a.speedPrompts).map((e) => Array.from(e.inputIds.subarray(0, Math.max(1, e.lossMask.indexOf(1)))));
       // warm-up (JIT, kernel caches) so the first timed configuration is not penalised
       await generateOn(backbone, [prompts[0]], { maxNewTokens: 4, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds, padId });
-      await medusaGenerateGreedyOn(backbone, heads, prompts[0], { choices: curve[0].choices, topk: TOPK_REPORTED, maxNewTokens: 4, eosIds });
+      await medusaGenerateGreedyOn(backbone, proposer, prompts[0], { choices: curve[0].choices, topk: TOPK_REPORTED, maxNewTokens: 4, eosIds });
       const t0 = performance.now();
       const plain: number[][] = [];
       for (const p of prompts) plain.push((await generateOn(backbone, [p], { maxNewTokens: newTokens, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds, padId })).tokens[0]);
@@ -146,7 +148,7 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
         let tokens = 0;
         let same = true;
         for (const [i, p] of prompts.entries()) {
-          const r = await medusaGenerateGreedyOn(backbone, heads, p, { choices: t.choices, topk: TOPK_REPORTED, maxNewTokens: newTokens, eosIds });
+          const r = await medusaGenerateGreedyOn(backbone, proposer, p, { choices: t.choices, topk: TOPK_REPORTED, maxNewTokens: newTokens, eosIds });
           steps += r.steps;
           tokens += r.tokens.length;
           if (r.tokens.join(',') !== plain[i].join(',')) same = false;

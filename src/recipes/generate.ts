@@ -10,6 +10,7 @@ import { openModelFolder } from '../model/load.js';
 import type { Decoder } from '../model/decoder.js';
 import { disposeHeads, importHeads, initHeads } from '../model/heads.js';
 import { medusaGenerateGreedyOn } from '../eval/medusa-decode.js';
+import { tfjsProposer } from '../engines/heads-proposer.js';
 import { latestCheckpoint, loadCheckpoint } from '../train/checkpoint.js';
 import { currentBackend } from '../backend.js';
 import { loadDecoder } from '../model/load.js';
@@ -128,6 +129,7 @@ async function medusaReport(a: GenerateArgs, dir: string, decoder: Decoder, back
   const heads = initHeads({ numHeads: shape.num_heads, numLayers: shape.num_layers, hiddenSize: decoder.config.hiddenSize, vocabSize: decoder.config.vocabSize, lmHead: shape.lm_head }, decoder.weights.lmHead, 0);
   try {
     importHeads(heads, ck.heads, ckDir);
+    const proposer = tfjsProposer(heads);
     const choicesFile = path.join(run, 'medusa_choices.json');
     // without a calibrated tree: a chain (each head's top token)
     const choices: number[][] = fs.existsSync(choicesFile) ? (readJsonFile(choicesFile) as number[][]) : Array.from({ length: shape.num_heads }, (_, k) => new Array<number>(k + 1).fill(0));
@@ -138,7 +140,7 @@ async function medusaReport(a: GenerateArgs, dir: string, decoder: Decoder, back
     let steps = 0;
     const outputs: GenerateReport['outputs'] = [];
     for (const [i, p] of prompts.entries()) {
-      const r = await medusaGenerateGreedyOn(backbone, heads, promptIds[i], { choices, topk, maxNewTokens: a.maxNewTokens, eosIds });
+      const r = await medusaGenerateGreedyOn(backbone, proposer, promptIds[i], { choices, topk, maxNewTokens: a.maxNewTokens, eosIds });
       steps += r.steps;
       const last = r.tokens[r.tokens.length - 1];
       outputs.push({ prompt: p, promptTokens: promptIds[i], tokens: r.tokens, text: tokenizer.decode(r.tokens, { skipSpecialTokens: true }), finish: eosIds.includes(last) ? 'eos' : 'length' });
