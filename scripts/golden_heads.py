@@ -52,7 +52,7 @@ CASES = [
     ("per_head_l2", "per_head", 2, 0.8, 0.5, 7102),
     ("shared_l1", "shared", 1, 0.9, 1.0, 7103),
 ]
-TOPK = 5
+TOPK = 10  # top-1..top-10 accuracy (what `medusa-train eval` reports)
 # float32 consumers must rank every label exactly as float64 does
 MIN_LABEL_MARGIN = 1e-4
 
@@ -254,14 +254,14 @@ def make_mask():
     return mask
 
 
-PLANT_RANKS = [0, 1, 0, 2, 0, 3, 4, 0, 6, 1, 0, 5]
+PLANT_RANKS = [0, 1, 0, 2, 0, 3, 4, 0, 6, 0, 5, 8, 0, 12, 7, 0, 9, 2, 0, 10, 1]
 
 
 def plant_labels(logits, input_ids, loss_mask):
     """Random labels would leave every head at ~0 top-1 accuracy. Label position p is a label of
     every head k (from t = p - k - 2); one of them, k = p % K, gets its rank-r token at t as the
-    label, r taken from PLANT_RANKS (ranks 5 and 6 are outside the top 5), so each head's
-    top-1..top-5 accuracies differ. Positions whose t would be negative keep their random id."""
+    label, r taken from PLANT_RANKS (ranks 10 and 12 are outside the top 10), so each head's
+    top-1..top-10 accuracies differ. Positions whose t would be negative keep their random id."""
     for b in range(B):
         for p in range(T):
             k = p % K

@@ -24,7 +24,7 @@
 import { fail } from '../errors.js';
 import { headTensorTable, type HeadsShape, type HeadTensorRow } from '../model/heads.js';
 import { Rng } from '../model/sampling.js';
-import { headTargets } from '../train/heads-loss.js';
+import { headTargets, TOPK_REPORTED } from '../train/heads-loss.js';
 import { probeOrt } from './ort.js';
 
 export type HeadsEngine = 'tfjs' | 'onnx';
@@ -67,7 +67,7 @@ export interface HeadsMetrics {
   ceSum: number[];
   /** Per head: valid positions. */
   valid: number[];
-  /** Per head: top-1 .. top-5 correct counts, [K][5]. */
+  /** Per head: top-1 .. top-10 correct counts, [K][TOPK]. */
   correct: number[][];
 }
 
@@ -150,7 +150,8 @@ export async function createHeadsTrainer(engine: HeadsEngine | 'auto', o: HeadsT
 // ---------------------------------------------------------------------------------------------
 // Helpers shared by the engines
 
-export const TOPK = 5;
+/** Top-1 .. top-TOPK correct counts are reported (= headsLoss's TOPK_REPORTED, 10). */
+export const TOPK = TOPK_REPORTED;
 
 export function checkOptions(o: HeadsTrainerOptions): void {
   const s = o.shape;
@@ -318,7 +319,7 @@ export function initialBiases(s: HeadsShape, seed: number): Float32Array[][] {
   return out;
 }
 
-/** Top-1..5 counts from ranks (logits beating the label's). */
+/** Top-1..TOPK counts from ranks (logits beating the label's). */
 export function addRanks(correct: number[], ranks: ArrayLike<number>, n: number): void {
   for (let i = 0; i < n; i++) for (let j = 0; j < TOPK; j++) if (ranks[i] < j + 1) correct[j]++;
 }

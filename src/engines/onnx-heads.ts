@@ -16,7 +16,7 @@
  *       label logit = GatherElements(logits, label)       [R, 1]
  *       p       = Softmax(logits);  dl = ScatterElements(p, label, p_label - 1)   (= p - onehot, in place)
  *       ce      = (max logit - label logit) - log(max p)  [R]   (= log-sum-exp - label logit)
- *       rank    = #(TopK(logits, 5) > label logit)        [R]   (top-j correct: rank < j)
+ *       rank    = #(TopK(logits, 10) > label logit)       [R]   (top-j correct: rank < j)
  *       dh      = (dl W2^T) * rowWeight                   [R, d]    (Gemm transB)
  *       gW2    += (h * rowWeight)^T dl                    [d, V]    (Gemm transA, C = gW2)
  *     blocks backward:  dz = dh * s (1 + z (1 - s)),  gW1_l += h_l^T dz,  gb1_l += sum_rows dz,
@@ -112,14 +112,14 @@ const FLOAT = onnx.TensorProto.DataType.FLOAT;
  * writes ce and rank given max_j p_j [R, 1]:
  *   ce   = (max - label logit) - log(max_j p_j)     (max_j p_j = 1 / sum_j exp(logit_j - max): the
  *          log-sum-exp without onnxruntime's ReduceLogSumExp, which is ~6x slower than Softmax here)
- *   rank = number of top-min(5, V) logits above the label's = min(#logits above it, 5): all the top-1..5
+ *   rank = number of top-min(10, V) logits above the label's = min(#logits above it, 10): all the top-1..10
  *          counts need (TopK instead of Greater + Cast + ReduceSum over [R, V])
  */
 function chunkLoss(b: Net, h: string, lab: string, w2: string, V: number, ceOut: string, rankOut: string): { p: string; finish: (pMax: string) => void } {
   const logits = b.op('MatMul', [h, w2]); // [R, V]
   const labelLogit = b.op('GatherElements', [logits, lab], { axis: 1 }); // [R, 1]
   const max = b.op('ReduceMax', [logits], { axes: [1], keepdims: 1 }); // [R, 1]
-  const [top] = b.ops('TopK', [logits, b.constant('int64', [1], [Math.min(TOPK, V)])], [b.name('topv'), b.name('topi')], { axis: 1 }); // [R, 5]
+  const [top] = b.ops('TopK', [logits, b.constant('int64', [1], [Math.min(TOPK, V)])], [b.name('topv'), b.name('topi')], { axis: 1 }); // [R, min(TOPK, V)]
   b.op('ReduceSum', [b.op('Cast', [b.op('Greater', [top, labelLogit])], { to: FLOAT }), b.constant('int64', [1], [1])], { keepdims: 0 }, rankOut); // [R]
   const p = b.op('Softmax', [logits], { axis: 1 }); // [R, V]
   const finish = (pMax: string): void => {

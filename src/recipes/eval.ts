@@ -58,7 +58,7 @@ export interface EvalReport {
   checkpoint: string;
   conversations: number;
   heads: { valid: number; topk: number[]; loss: number }[];
-  /** acc[k][r]: fraction of positions where head k's label has rank exactly r (r < 5). */
+  /** acc[k][r]: fraction of positions where head k's label has rank exactly r (r < 10). */
   perRank: number[][];
   trees: { budget: number; expectedTokensPerStep: number; nodes: number }[];
   chosen: { budget: number; expectedTokensPerStep: number; choices: MedusaChoices; file: string };
@@ -184,7 +184,7 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
 }
 
 export function formatEval(r: EvalReport): string {
-  const lines = [`${r.run} (${r.checkpoint}), ${r.conversations} evaluation conversations`, 'head  positions  loss     top-1   top-2   top-3   top-4   top-5'];
+  const lines = [`${r.run} (${r.checkpoint}), ${r.conversations} evaluation conversations`, `head  positions  loss     ${topkHeader()}`];
   r.heads.forEach((h, k) => lines.push(`${String(k).padEnd(6)}${String(h.valid).padEnd(11)}${h.loss.toFixed(4).padEnd(9)}${h.topk.map((x) => `${(100 * x).toFixed(1)}%`.padEnd(8)).join('')}`));
   lines.push('tree budget -> expected tokens per step (independent heads):');
   for (const t of r.trees) lines.push(`  ${String(t.budget).padStart(4)} nodes requested, ${String(t.nodes).padStart(4)} used: ${t.expectedTokensPerStep.toFixed(3)}`);
@@ -194,4 +194,9 @@ export function formatEval(r: EvalReport): string {
     for (const x of r.speed.rows) lines.push(`  budget ${String(x.budget).padStart(4)} (${x.nodes} nodes): tokens/step expected ${x.expectedTokensPerStep.toFixed(2)}, measured ${x.measuredTokensPerStep.toFixed(2)}; ${x.tokensPerSecond.toFixed(1)} tok/s, speedup ${x.speedup.toFixed(2)}x${x.sameTokens ? '' : '  (OUTPUT DIFFERS FROM PLAIN GREEDY)'}`);
   }
   return lines.join('\n');
+}
+
+/** Column titles top-1 .. top-10, 8 characters each. */
+function topkHeader(): string {
+  return Array.from({ length: TOPK_REPORTED }, (_, j) => `top-${j + 1}`.padEnd(8)).join('').trimEnd();
 }

@@ -39,7 +39,7 @@ export interface Medusa1Args {
 
 export interface HeadMetrics {
   loss: number;
-  /** top-1 .. top-5 accuracy */
+  /** top-1 .. top-10 accuracy (the summary prints top-1 and top-5) */
   acc: number[];
   valid: number;
 }

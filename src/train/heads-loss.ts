@@ -15,7 +15,8 @@ import * as tf from '@tensorflow/tfjs';
 import { fail } from '../errors.js';
 import type { MedusaHeads } from '../model/heads.js';
 
-export const TOPK_REPORTED = 5;
+/** Top-1 .. top-10 accuracy is counted (training logs and `eval`; trees may use ranks 0..9). */
+export const TOPK_REPORTED = 10;
 
 export interface HeadsLossArgs {
   heads: MedusaHeads;
@@ -41,7 +42,7 @@ export interface HeadsLossResult {
   ceSum: number[];
   /** Per head: valid positions in this micro-batch. */
   valid: number[];
-  /** Per head: [top-1 .. top-5] correct counts (label's logit beaten by fewer than j logits). */
+  /** Per head: [top-1 .. top-10] correct counts (label's logit beaten by fewer than j logits). */
   correct: number[][];
   /** Gradients by external parameter name, internal layout; null when computeGrads is false. */
   grads: Map<string, tf.Tensor> | null;
