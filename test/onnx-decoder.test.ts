@@ -11,7 +11,9 @@ import type { Decoder } from '../src/model/decoder.js';
 import { argmax, Rng } from '../src/model/sampling.js';
 import { disposeWeights } from '../src/model/weights.js';
 import { chooseBackbone, onnxBackbone, tfjsBackbone, type Backbone } from '../src/engines/decoder-engine.js';
-import { checkOnnxModelSize, onnxWeightBytes, PROTOBUF_LIMIT_BYTES } from '../src/engines/onnx-decoder.js';
+import { checkOnnxModelSize, onnxWeightBytes, PROTOBUF_LIMIT_BYTES, TreeInputCache } from '../src/engines/onnx-decoder.js';
+import { hostInputs, type CacheBook } from '../src/model/decoder.js';
+import { treeBuffers } from '../src/eval/tree.js';
 import { DECODER_FIXTURES, VARIANTS, readGolden, maxAbsDiff } from './helpers/golden.js';
 
 const TOL = 1e-4;
@@ -205,6 +207,101 @@ describe('onnx backbone vs tfjs backbone', () => {
     expect(batched).toEqual(single);
     cache.dispose();
     bb.dispose();
+    disposeWeights(model.weights);
+  });
+});
+
+/** Every position's argmax (first maximum) of logits [n, V]. */
+function argmaxRows(logits: Float32Array, V: number): number[] {
+  return Array.from({ length: logits.length / V }, (_, n) => argmax(logits, n * V, V));
+}
+
+/** A Medusa-shaped tree of 3 levels (ranks up to 3): 1 + 4 + 16 + ... nodes. */
+const TREE_CHOICES = [[0], [1], [2], [3], [0, 0], [0, 1], [1, 0], [2, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [3, 2]];
+
+describe.each(['llama-gqa', 'mistral-window', 'qwen2-bias-tied'] as const)("logits: 'argmax' (%s)", (variant) => {
+  let model: Decoder;
+  let engines: Backbone[];
+  beforeAll(async () => {
+    model = loadDecoder(path.join(DECODER_FIXTURES, variant)).decoder;
+    engines = [tfjsBackbone(model), await onnxBackbone(model, { threads: 1 })];
+  });
+  afterAll(() => {
+    for (const e of engines) e.dispose();
+    disposeWeights(model.weights);
+  });
+
+  test("equals the argmax of the 'all' logits: padded batch without a cache, then a tree-masked forward on a cache, on both engines", async () => {
+    const V = model.config.vocabSize;
+    const rng = new Rng(11);
+    const tok = (): number => 3 + Math.floor(rng.next() * (V - 3));
+    const B = 2;
+    const T = 7;
+    const ids = Array.from({ length: B * T }, tok);
+    const mask = [1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1];
+    const tree = treeBuffers(TREE_CHOICES, 4);
+    const N = tree.nodes;
+    const prompt = Array.from({ length: 9 }, tok);
+    const treeIds = Array.from({ length: N }, tok);
+    const picked: number[][] = [];
+    for (const bb of engines) {
+      const all = await bb.forward({ ids, batch: B, seqLen: T, mask, logits: 'all' });
+      const am = await bb.forward({ ids, batch: B, seqLen: T, mask, logits: 'argmax' });
+      expect(am.logits).toBeNull();
+      expect(am.argmax).toBeInstanceOf(Int32Array);
+      expect(Array.from(am.argmax!)).toEqual(argmaxRows(all.logits!, V));
+      expect(maxAbsDiff(am.hidden, all.hidden)).toBeLessThan(1e-6);
+      // Tree verification: the same cache state twice, 'all' on one, 'argmax' on the other.
+      const results = [];
+      for (const mode of ['all', 'argmax'] as const) {
+        const cache = bb.newCache(1);
+        await bb.forward({ ids: prompt, batch: 1, seqLen: prompt.length, cache, logits: 'none' });
+        const positions = Int32Array.from(tree.positionOffsets, (p) => prompt.length + p);
+        results.push(await bb.forward({ ids: treeIds, batch: 1, seqLen: N, cache, logits: mode, treeMask: { mask: tree.attentionMask, positions } }));
+        expect(cache.length).toBe(prompt.length + N);
+        cache.dispose();
+      }
+      const want = argmaxRows(results[0].logits!, V);
+      expect(Array.from(results[1].argmax!)).toEqual(want);
+      expect(maxAbsDiff(results[1].hidden, results[0].hidden)).toBeLessThan(1e-6);
+      picked.push(want);
+    }
+    // Both engines pick the same tokens (the logits agree within 1e-4; ties aside).
+    expect(picked[1]).toEqual(picked[0]);
+  });
+});
+
+describe('tree host inputs cached per tree (onnx engine)', () => {
+  test.each(['llama-gqa', 'mistral-window'] as const)('%s: equal to hostInputs for random cache states, steps and trees (cache hits included)', (variant) => {
+    const model = loadDecoder(path.join(DECODER_FIXTURES, variant)).decoder;
+    const c = model.config;
+    const cache = new TreeInputCache(c, model.invFreq);
+    const rng = new Rng(5);
+    const trees = [treeBuffers(TREE_CHOICES, 4), treeBuffers([[0], [0, 0], [0, 0, 0]], 1), treeBuffers([[0], [1], [2]], 3)];
+    let checked = 0;
+    for (let step = 0; step < 24; step++) {
+      const tree = trees[step % trees.length];
+      const S = Math.floor(rng.next() * 40);
+      // Cached key positions: real and ascending, or (every third step) with padding entries and a gap.
+      const keyPos: number[] = [];
+      let p = 0;
+      for (let j = 0; j < S; j++) {
+        if (step % 3 === 2 && rng.next() < 0.2) keyPos.push(-1);
+        else keyPos.push(p++);
+        if (step % 3 === 2 && rng.next() < 0.1) p += 2;
+      }
+      const book: CacheBook = { length: S, keyPos: [keyPos], nextPos: [p] };
+      const positions = Int32Array.from(tree.positionOffsets, (o) => p + o);
+      const want = hostInputs(c, model.invFreq, book, 1, tree.nodes, undefined, { mask: tree.attentionMask, positions });
+      const got = cache.inputs(book, { mask: tree.attentionMask, positions });
+      expect(Array.from(got.bias)).toEqual(Array.from(want.bias));
+      expect(Array.from(got.cos)).toEqual(Array.from(want.cos));
+      expect(Array.from(got.sin)).toEqual(Array.from(want.sin));
+      expect(Array.from(got.positions)).toEqual(Array.from(want.positions));
+      expect(got.newKeyPos).toEqual(want.newKeyPos);
+      checked++;
+    }
+    expect(checked).toBe(24);
     disposeWeights(model.weights);
   });
 });

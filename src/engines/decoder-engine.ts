@@ -14,6 +14,7 @@
  *
  * A cache belongs to the backbone that made it (`newCache`) and cannot be passed to another one.
  */
+import * as tf from '@tensorflow/tfjs';
 import { DISABLE_ORT_ENV, disabledByEnv } from './ort.js';
 import { describe, fail } from '../errors.js';
 import type { DecoderConfig } from '../model/config.js';
@@ -46,8 +47,12 @@ export interface BackboneForwardArgs {
   mask?: ArrayLike<number>;
   /** When given, the new tokens attend to the cache, and the cache is extended in place. */
   cache?: BackboneCache;
-  /** Which logits to compute: every position, the last position of each row, or none. */
-  logits: 'all' | 'last' | 'none';
+  /**
+   * Which logits to compute: every position, the last position of each row, or none; 'argmax' = every
+   * position's argmax only (first maximum, as torch.argmax), computed inside the engine so the [batch,
+   * seqLen, V] logits never reach JS (Medusa greedy verification needs nothing else).
+   */
+  logits: BackboneLogits;
   /**
    * Tree attention (Medusa verification; batch 1, no padding mask), as decoderForward's `treeMask`:
    * the new tokens attend to every real cached entry (the sliding window still applies) plus the new
@@ -57,11 +62,15 @@ export interface BackboneForwardArgs {
   treeMask?: { mask: Uint8Array; positions: Int32Array };
 }
 
+export type BackboneLogits = 'all' | 'last' | 'none' | 'argmax';
+
 export interface BackboneForwardResult {
   /** Final hidden states after the final norm, [batch, seqLen, d] row-major. */
   hidden: Float32Array;
-  /** [batch, seqLen, V] ('all'), [batch, 1, V] ('last'), or null ('none'). */
+  /** [batch, seqLen, V] ('all'), [batch, 1, V] ('last'), or null ('none', 'argmax'). */
   logits: Float32Array | null;
+  /** 'argmax' only: each position's argmax token id (first maximum), [batch, seqLen] row-major. */
+  argmax?: Int32Array;
 }
 
 export interface Backbone {
@@ -116,9 +125,18 @@ class TfjsBackbone implements Backbone {
       if (a.cache.disposed) fail('E_INTERNAL', 'the cache passed to the tfjs backbone was disposed');
       kv = a.cache.kv;
     }
-    const { hidden, logits } = decoderForward(this.decoder, { ids: a.ids, batch: a.batch, seqLen: a.seqLen, mask: a.mask, cache: kv, logits: a.logits, treeMask: a.treeMask });
+    const argmaxOnly = a.logits === 'argmax';
+    const { hidden, logits } = decoderForward(this.decoder, { ids: a.ids, batch: a.batch, seqLen: a.seqLen, mask: a.mask, cache: kv, logits: a.logits === 'argmax' ? 'all' : a.logits, treeMask: a.treeMask });
     try {
       // dataSync gives a host copy on wasm; on cpu the backing array, which disposal does not touch.
+      if (argmaxOnly) {
+        const ids = tf.argMax(logits!, -1); // [B, T] int32, first maximum
+        try {
+          return { hidden: hidden.dataSync() as Float32Array, logits: null, argmax: Int32Array.from(ids.dataSync()) };
+        } finally {
+          ids.dispose();
+        }
+      }
       return { hidden: hidden.dataSync() as Float32Array, logits: logits ? (logits.dataSync() as Float32Array) : null };
     } finally {
       hidden.dispose();

@@ -6,7 +6,8 @@
  *
  *   inputs   input_ids [B,T] int64, cos/sin [B,T,hd], attn_bias [B,1,nRep*T,L] (L = S+T),
  *            logit_index [K] int64, past_key_i / past_value_i [S,B,nKV,hd] (sequence-major; S may be 0)
- *   outputs  hidden [B,T,d], logits [B,K,V], new_key_i / new_value_i [T,B,nKV,hd] (this call's entries)
+ *   outputs  hidden [B,T,d], logits [B,K,V], logits_argmax [B,K] int64 (fetched instead of logits for
+ *            'argmax'), new_key_i / new_value_i [T,B,nKV,hd] (this call's entries)
  *
  * - Host-side bookkeeping (positions from the mask, the additive bias with causal / padding / sliding
  *   window terms, the RoPE cos/sin tables) is computed in JS exactly as decoderForward computes it, so
@@ -37,7 +38,7 @@ import type * as tf from '@tensorflow/tfjs';
 import { describe, fail } from '../errors.js';
 import { GraphBuilder } from '../io/onnx.js';
 import { parameterCount, type DecoderConfig } from '../model/config.js';
-import { hostInputs, type CacheBook, type Decoder, type TreeMask } from '../model/decoder.js';
+import { hostInputs, type CacheBook, type Decoder, type HostInputs, type TreeMask } from '../model/decoder.js';
 import { createSession } from './ort.js';
 import type { Backbone, BackboneCache, BackboneForwardArgs, BackboneForwardResult, OnnxBackboneOptions } from './decoder-engine.js';
 
@@ -163,8 +164,11 @@ export async function buildDecoderGraph(model: Decoder): Promise<Uint8Array> {
   g.output(hidden, 'float32', ['batch', 'seq', d]);
   const sel = g.op('Gather', [hidden, logitIndex], { axis: 1 }); // [B, K, d]
   const head = c.tieWordEmbeddings ? g.op('Transpose', [embed], { perm: [1, 0] }) : await weight('lm_head', w.lmHead); // [d, V]
-  g.node('MatMul', [sel, head], { outputs: ['logits'] });
+  g.node('MatMul', [sel, head], { outputs: ['logits'] }); // [B, K, V]
   g.output('logits', 'float32', ['batch', 'n_logits', V]);
+  // Greedy verification reads only the argmax: first maximum (select_last_index 0), as torch.argmax.
+  g.node('ArgMax', ['logits'], { outputs: ['logits_argmax'], attrs: { axis: -1, keepdims: 0, select_last_index: 0 } }); // [B, K] int64
+  g.output('logits_argmax', 'int64', ['batch', 'n_logits']);
   return g.serialize();
 }
 
@@ -238,13 +242,115 @@ function append(buf: Float32Array | undefined, used: number, add: ArrayLike<numb
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Host inputs of tree-masked forwards (Medusa verification), cached per tree
+
+/** The additive bias value of a masked pair (decoder.ts's; the tests compare with `hostInputs`). */
+const MASKED = -1e9;
+
+/**
+ * Host inputs of tree forwards, equal to `hostInputs` (tested) but without rebuilding per step what
+ * only depends on the tree: the bias block among the new tokens ([nRep*T, T], from `hostInputs` on an
+ * empty cache) is kept per tree (its mask object and its positions relative to the root), RoPE rows
+ * are kept per position. Per step only the prefix columns are computed (nothing to write when every
+ * cached key is visible to every node, the usual case).
+ */
+export class TreeInputCache {
+  private blocks = new WeakMap<Uint8Array, { rel: Int32Array; block: Float32Array }>();
+  /** RoPE rows by position: [capacity, hd] each. */
+  private cosTable = new Float32Array(0);
+  private sinTable = new Float32Array(0);
+  private ropeRows = 0;
+  constructor(readonly c: DecoderConfig, readonly invFreq: Float32Array) {}
+
+  /** Make sure RoPE rows exist for positions [0, upTo). */
+  private rope(upTo: number): void {
+    if (upTo <= this.ropeRows) return;
+    const hd = this.c.headDim;
+    const n = Math.max(upTo, 2 * this.ropeRows, 64);
+    const cos = new Float32Array(n * hd);
+    const sin = new Float32Array(n * hd);
+    cos.set(this.cosTable.subarray(0, this.ropeRows * hd));
+    sin.set(this.sinTable.subarray(0, this.ropeRows * hd));
+    // Rows from the reference builder: a chain "tree" over the new positions on an empty cache.
+    const T = n - this.ropeRows;
+    const chain = hostInputs(this.c, this.invFreq, { length: 0, keyPos: [[]], nextPos: [0] }, 1, T, undefined, {
+      mask: new Uint8Array(T * T), positions: Int32Array.from({ length: T }, (_, i) => this.ropeRows + i),
+    });
+    cos.set(chain.cos, this.ropeRows * hd);
+    sin.set(chain.sin, this.ropeRows * hd);
+    this.cosTable = cos;
+    this.sinTable = sin;
+    this.ropeRows = n;
+  }
+
+  /** `hostInputs(c, invFreq, book, 1, T, undefined, tree)` for a batch-1 tree forward. */
+  inputs(book: CacheBook, tree: TreeMask): HostInputs {
+    const c = this.c;
+    const T = tree.positions.length;
+    const S = book.length;
+    const L = S + T;
+    const nRep = c.numHeads / c.numKvHeads;
+    const hd = c.headDim;
+    const pos = tree.positions;
+    let minPos = Infinity;
+    let maxPos = -Infinity;
+    for (let t = 0; t < T; t++) {
+      if (!Number.isInteger(pos[t]) || pos[t] < 0) fail('E_INTERNAL', `treeMask.positions[${t}] = ${pos[t]} is not a position`);
+      minPos = Math.min(minPos, pos[t]);
+      maxPos = Math.max(maxPos, pos[t]);
+    }
+    // The block among the new tokens depends only on the mask and the positions relative to the root.
+    let hit = this.blocks.get(tree.mask);
+    if (!hit || hit.rel.length !== T || hit.rel.some((r, t) => r !== pos[t] - pos[0])) {
+      const rel = Int32Array.from(pos, (p) => p - pos[0]);
+      const ref = hostInputs(c, this.invFreq, { length: 0, keyPos: [[]], nextPos: [0] }, 1, T, undefined, { mask: tree.mask, positions: rel });
+      hit = { rel, block: ref.bias }; // [nRep*T, T]
+      this.blocks.set(tree.mask, hit);
+    }
+    // Prefix columns: key j visible to node i when real, not after it, within the sliding window.
+    // A fresh (zeroed) buffer per call: onnxruntime reads it while the run is in flight, and forwards on
+    // different caches may overlap.
+    const bias = new Float32Array(nRep * T * L); // [nRep*T, L]
+    const keyPos = book.keyPos[0];
+    const window = c.slidingWindow;
+    let allVisible = true;
+    for (let j = 0; j < S && allVisible; j++) {
+      const kp = keyPos[j];
+      allVisible = kp >= 0 && kp <= minPos && (window === null || maxPos - kp < window);
+    }
+    for (let i = 0; i < T; i++) {
+      const row = i * L;
+      if (!allVisible) {
+        const q = pos[i];
+        for (let j = 0; j < S; j++) {
+          const kp = keyPos[j];
+          bias[row + j] = kp >= 0 && kp <= q && (window === null || q - kp < window) ? 0 : MASKED;
+        }
+      }
+      bias.set(hit.block.subarray(i * T, (i + 1) * T), row + S);
+      for (let r = 1; r < nRep; r++) bias.copyWithin(row + r * T * L, row, row + L);
+    }
+    this.rope(maxPos + 1);
+    const cos = new Float32Array(T * hd); // [T, hd]
+    const sin = new Float32Array(T * hd);
+    for (let t = 0; t < T; t++) {
+      cos.set(this.cosTable.subarray(pos[t] * hd, (pos[t] + 1) * hd), t * hd);
+      sin.set(this.sinTable.subarray(pos[t] * hd, (pos[t] + 1) * hd), t * hd);
+    }
+    return { positions: Int32Array.from(pos), newKeyPos: [Array.from(pos)], bias, cos, sin };
+  }
+}
+
 class OnnxBackbone implements Backbone {
   readonly kind = 'onnx' as const;
   readonly config: DecoderConfig;
   private session: ort.InferenceSession | null;
+  private readonly treeInputs: TreeInputCache;
   constructor(readonly decoder: Decoder, session: ort.InferenceSession) {
     this.config = decoder.config;
     this.session = session;
+    this.treeInputs = new TreeInputCache(decoder.config, decoder.invFreq);
   }
 
   newCache(batch: number): BackboneCache {
@@ -287,8 +393,8 @@ class OnnxBackbone implements Backbone {
       if (tree.mask.length !== T * T) fail('E_INTERNAL', `treeMask.mask has ${tree.mask.length} entries, expected ${T * T}`);
       if (tree.positions.length !== T) fail('E_INTERNAL', `treeMask.positions has ${tree.positions.length} entries, expected ${T}`);
     }
-    const host = hostInputs(c, this.decoder.invFreq, book, B, T, a.mask, tree);
-    const logitIndex = a.logits === 'all' ? BigInt64Array.from({ length: T }, (_, i) => BigInt(i)) : a.logits === 'last' ? BigInt64Array.of(BigInt(T - 1)) : new BigInt64Array(0);
+    const host = tree ? this.treeInputs.inputs(book, tree) : hostInputs(c, this.decoder.invFreq, book, B, T, a.mask, tree);
+    const logitIndex = a.logits === 'all' || a.logits === 'argmax' ? BigInt64Array.from({ length: T }, (_, i) => BigInt(i)) : a.logits === 'last' ? BigInt64Array.of(BigInt(T - 1)) : new BigInt64Array(0);
     const feeds: Record<string, ort.Tensor> = {
       input_ids: new ort.Tensor('int64', ids, [B, T]),
       cos: new ort.Tensor('float32', host.cos, [B, T, hd]),
@@ -302,7 +408,7 @@ class OnnxBackbone implements Backbone {
       feeds[`past_key_${li}`] = new ort.Tensor('float32', S === 0 ? empty : cache!.k[li].subarray(0, S * entry), [S, B, nKV, hd]);
       feeds[`past_value_${li}`] = new ort.Tensor('float32', S === 0 ? empty : cache!.v[li].subarray(0, S * entry), [S, B, nKV, hd]);
     }
-    const fetches = ['hidden', 'logits'];
+    const fetches = ['hidden', a.logits === 'argmax' ? 'logits_argmax' : 'logits'];
     if (cache) for (let li = 0; li < c.numLayers; li++) fetches.push(`new_key_${li}`, `new_value_${li}`);
     let out: ort.InferenceSession.ReturnType;
     if (cache) cache.busy = true;
@@ -326,6 +432,10 @@ class OnnxBackbone implements Backbone {
       }
     }
     const hidden = out['hidden'].data as Float32Array;
+    if (a.logits === 'argmax') {
+      const am = out['logits_argmax'].data as BigInt64Array; // [B, T]
+      return { hidden, logits: null, argmax: Int32Array.from(am, (x) => Number(x)) };
+    }
     const logits = a.logits === 'none' ? null : (out['logits'].data as Float32Array);
     return { hidden, logits };
   }
