@@ -145,3 +145,202 @@ export function typicalAccept(
   }
   return { bestPath, acceptLength };
 }
+
+// ---------------------------------------------------------------------------------------------
+// Acceptance on a candidate tree (what the decoding loop runs)
+// ---------------------------------------------------------------------------------------------
+
+/** Greedy (temperature 0) or typical acceptance settings. */
+export interface AcceptanceOptions {
+  /** 0 = greedy acceptance (and an argmax base token). */
+  temperature: number;
+  /** eps of typical acceptance (the reference's posterior_threshold). */
+  posteriorThreshold: number;
+  /** delta of typical acceptance (the reference's posterior_alpha). */
+  posteriorAlpha: number;
+}
+
+/**
+ * One node's next-token distribution, computed on demand from the tree forward's logits: the argmax
+ * (greedy), or p = softmax(logits / T) in float64 with the typical threshold computed only when a
+ * decision needs it (p(x) > min(eps, A) holds iff p(x) > eps or p(x) > A, so A = delta * exp(-H),
+ * which costs a log per token, is skipped while candidates clear eps).
+ */
+export class NodeDistributions {
+  private readonly V: number;
+  private readonly o: AcceptanceOptions;
+  private logits: Float32Array = new Float32Array(0);
+  private readonly argmaxOf = new Map<number, number>();
+  private readonly probsOf = new Map<number, Float64Array>();
+  private readonly thresholdOf = new Map<number, number>();
+  /** Buffers of [V] float64, reused across steps. */
+  private readonly pool: Float64Array[] = [];
+  private used = 0;
+  /** Distributions computed since the last reset (softmaxes for typical, argmaxes for greedy). */
+  evaluated = 0;
+
+  constructor(V: number, o: AcceptanceOptions) {
+    if (!Number.isInteger(V) || V < 1) fail('E_INTERNAL', `acceptance: vocabulary size ${V} must be a positive integer`);
+    if (!Number.isFinite(o.temperature) || o.temperature < 0) fail('E_CONFIG', `typical acceptance: temperature must be >= 0, got ${o.temperature}`);
+    if (!(o.posteriorThreshold >= 0 && o.posteriorThreshold <= 1)) fail('E_CONFIG', `typical acceptance: posterior_threshold (eps) must be in [0, 1], got ${o.posteriorThreshold}`);
+    if (!(o.posteriorAlpha >= 0 && Number.isFinite(o.posteriorAlpha))) fail('E_CONFIG', `typical acceptance: posterior_alpha (delta) must be a finite number >= 0, got ${o.posteriorAlpha}`);
+    this.V = V;
+    this.o = o;
+  }
+
+  get greedy(): boolean {
+    return this.o.temperature === 0;
+  }
+
+  /** New logits [nodes, V] (a host copy the caller keeps unchanged until the next reset). */
+  reset(logits: Float32Array): void {
+    if (logits.length % this.V !== 0) fail('E_INTERNAL', `acceptance: ${logits.length} logits are not rows of ${this.V}`);
+    this.logits = logits;
+    this.argmaxOf.clear();
+    this.probsOf.clear();
+    this.thresholdOf.clear();
+    this.used = 0;
+    this.evaluated = 0;
+  }
+
+  /** The logits of the last reset. */
+  logitsView(): Float32Array {
+    return this.logits;
+  }
+
+  private row(n: number): number {
+    if (!Number.isInteger(n) || n < 0 || (n + 1) * this.V > this.logits.length) fail('E_INTERNAL', `acceptance: node ${n} is outside the logits`);
+    return n * this.V;
+  }
+
+  argmax(n: number): number {
+    let a = this.argmaxOf.get(n);
+    if (a === undefined) {
+      const off = this.row(n);
+      const l = this.logits;
+      a = 0;
+      let best = -Infinity;
+      for (let v = 0; v < this.V; v++) if (l[off + v] > best) { best = l[off + v]; a = v; }
+      this.argmaxOf.set(n, a);
+      if (this.greedy) this.evaluated++;
+    }
+    return a;
+  }
+
+  /** softmax(logits[n] / T), float64 [V] (typical only). */
+  probs(n: number): Float64Array {
+    let p = this.probsOf.get(n);
+    if (p === undefined) {
+      if (this.greedy) fail('E_INTERNAL', 'acceptance: probabilities asked for at temperature 0');
+      if (this.used === this.pool.length) this.pool.push(new Float64Array(this.V));
+      p = this.pool[this.used++];
+      softmaxInto(this.logits, this.row(n), this.V, this.o.temperature, p);
+      this.probsOf.set(n, p);
+      this.evaluated++;
+    }
+    return p;
+  }
+
+  /** min(eps, delta * exp(-H(p))) of node n (typical only). */
+  threshold(n: number): number {
+    let t = this.thresholdOf.get(n);
+    if (t === undefined) {
+      t = typicalThreshold(this.probs(n), this.o.posteriorThreshold, this.o.posteriorAlpha);
+      this.thresholdOf.set(n, t);
+    }
+    return t;
+  }
+
+  /**
+   * Whether `token` passes at node n: equals the argmax (greedy), or p(token) > min(eps, delta *
+   * exp(-H)) (typical). Returns log p(token) when it passes (0 for greedy), null when not.
+   */
+  accepts(n: number, token: number): number | null {
+    if (!Number.isInteger(token) || token < 0 || token >= this.V) fail('E_INTERNAL', `acceptance: candidate token ${token} is outside the vocabulary of ${this.V}`);
+    if (this.greedy) return token === this.argmax(n) ? 0 : null;
+    const px = this.probs(n)[token];
+    if (px > this.o.posteriorThreshold || px > this.threshold(n)) return Math.log(px);
+    return null;
+  }
+}
+
+/**
+ * Acceptance on a candidate tree, visiting only what the decision needs: a node's distribution is
+ * computed only when its parent chain is accepted (root first; nodes are in depth order, so parents
+ * come before children). The result is exactly greedyAccept (temperature 0) or typicalAccept
+ * (likelihood tie-break) on the per-path layout: a path's accept length is its run of accepted
+ * nodes; the best path is the first longest (greedy) or, among the longest, the one with the largest
+ * sum of log p, first on exact ties (typical). Returns the accepted node indices, root first.
+ */
+export function acceptOnTree(
+  dist: NodeDistributions,
+  nodeTokens: ArrayLike<number>,
+  retrieveIndices: Int32Array,
+  numPaths: number,
+  width: number,
+): { bestPath: number; acceptLength: number; nodes: number[] } {
+  checkShape('retrieveIndices', retrieveIndices.length, numPaths, width);
+  const N = nodeTokens.length;
+  // parent of each node from the paths ([numPaths, width], root 0 first, -1 padded)
+  const parent = new Int32Array(N).fill(-2);
+  parent[0] = -1;
+  for (let i = 0; i < numPaths; i++) {
+    for (let j = 1; j < width; j++) {
+      const n = retrieveIndices[i * width + j];
+      if (n < 0) break;
+      const p = retrieveIndices[i * width + j - 1];
+      if (n >= N || p >= n || (parent[n] !== -2 && parent[n] !== p)) fail('E_INTERNAL', `acceptance: path ${i} is not a path of a ${N}-node tree in depth order`);
+      parent[n] = p;
+    }
+  }
+  const accepted = new Uint8Array(N);
+  const logLik = new Float64Array(N);
+  accepted[0] = 1;
+  for (let n = 1; n < N; n++) {
+    const p = parent[n];
+    if (p < 0 || !accepted[p]) continue;
+    const ll = dist.accepts(p, nodeTokens[n]);
+    if (ll === null) continue;
+    accepted[n] = 1;
+    logLik[n] = logLik[p] + ll;
+  }
+  let bestPath = 0;
+  let acceptLength = 0;
+  let bestLL = -Infinity;
+  for (let i = 0; i < numPaths; i++) {
+    const row = i * width;
+    let len = 0;
+    while (len + 1 < width && retrieveIndices[row + len + 1] >= 0 && accepted[retrieveIndices[row + len + 1]]) len++;
+    if (len === 0) continue;
+    const ll = logLik[retrieveIndices[row + len]];
+    if (len > acceptLength || (len === acceptLength && !dist.greedy && ll > bestLL)) {
+      bestPath = i;
+      acceptLength = len;
+      bestLL = ll;
+    }
+  }
+  return { bestPath, acceptLength, nodes: Array.from(retrieveIndices.subarray(bestPath * width, bestPath * width + acceptLength + 1)) };
+}
+
+/**
+ * The base token of a step at temperature > 0 (the reference's `get_typical_one_token`, its
+ * non-`fast` path): a draw from p = softmax(logits / T) restricted to the tokens with p >= min(eps,
+ * delta * exp(-H(p))) — the same typical set acceptance admits candidates from — renormalised. The
+ * argmax always stays in the set (the reference would draw from an empty set, NaN, when delta > 1
+ * excluded every token). One uniform from `u01` per call, tokens walked in ascending id order.
+ */
+export function sampleTypical(p: Float64Array, threshold: number, u01: number): number {
+  let best = 0;
+  for (let v = 1; v < p.length; v++) if (p[v] > p[best]) best = v;
+  let total = 0;
+  for (let v = 0; v < p.length; v++) if (p[v] >= threshold || v === best) total += p[v];
+  let u = u01 * total;
+  let last = best;
+  for (let v = 0; v < p.length; v++) {
+    if (!(p[v] >= threshold || v === best)) continue;
+    last = v;
+    u -= p[v];
+    if (u < 0) return v;
+  }
+  return last;
+}
