@@ -251,10 +251,13 @@ export function buildProgram(io: Io = defaultIo): Command {
     .option('--budgets <list>', 'tree node budgets', (v: string) => v.split(',').map((x) => intArg('--budgets', 1, 1024)(x.trim())), [4, 8, 16, 32, 64])
     .option('--choose <n>', 'budget written as medusa_choices.json (default: the largest)', intArg('--choose', 1, 1024))
     .option('--speed <prompts>', 'also measure Medusa greedy decoding against plain greedy decoding on this many prompts', intArg('--speed', 1, 100000))
-    .option('--new-tokens <n>', 'tokens generated per prompt for --speed', intArg('--new-tokens', 1, 100000), 64)
+    .option('--live <prompts>', "also measure the heads' top-1..10 accuracy on the base model's own greedy decoding of this many prompts (held-out, or from --prompt-file)", intArg('--live', 1, 100000))
+    .option('--prompt-file <file>', 'prompts for --live, one per line, rendered with the chat template when the model has one (implies --live; default: all its lines)')
+    .option('--new-tokens <n>', 'tokens generated per prompt for --speed and --live', intArg('--new-tokens', 1, 100000), 64)
     .option('--json', 'print the report as JSON')
-    .action(async (o: { run: string; data: string[]; budgets: number[]; choose?: number; speed?: number; newTokens: number; json?: boolean }) => {
-      const r = await runEval({ run: o.run, data: o.data, budgets: o.budgets, choose: o.choose, speedPrompts: o.speed, speedNewTokens: o.newTokens, log: (line) => io.err(line) });
+    .action(async (o: { run: string; data: string[]; budgets: number[]; choose?: number; speed?: number; live?: number; promptFile?: string; newTokens: number; json?: boolean }) => {
+      const livePromptTexts = o.promptFile ? readPromptFile(o.promptFile) : undefined;
+      const r = await runEval({ run: o.run, data: o.data, budgets: o.budgets, choose: o.choose, speedPrompts: o.speed, speedNewTokens: o.newTokens, livePrompts: o.live, livePromptTexts, log: (line) => io.err(line) });
       io.out(o.json ? JSON.stringify(r, null, 2) : formatEval(r));
     });
 

@@ -1,12 +1,14 @@
 /**
- * `medusa-train eval` (first part of issue #7): per-head top-1..5 accuracy of a trained run on held-out
+ * `medusa-train eval` (issue #7): per-head top-1..10 accuracy of a trained run on held-out
  * distilled data, the per-rank accuracy table, and sparse candidate trees fitted to it for several node
  * budgets (expected tokens per step, assuming independent heads), written beside the run as
  * `eval/accuracy.json`, `eval/trees.json` and `medusa_choices.json`.
  *
  * With --speed N it also runs real Medusa greedy decoding (the run's backbone engine, batch 1) against
  * plain greedy decoding on the same engine on N held-out prompts, per tree: measured tokens per step,
- * tokens/s and speedup, and a chart. Not here yet: accuracy on live greedy decoding, typical acceptance.
+ * tokens/s, speedup, time per Medusa step and its overhead over a plain decode token, the best budget,
+ * and a chart. With --live N, the heads' top-1..10 accuracy on the base model's own greedy decoding
+ * (eval/live-accuracy.ts), written as `eval/live-accuracy.json`. Not here yet: typical acceptance.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -25,7 +27,10 @@ import { TOPK_REPORTED } from '../train/heads-loss.js';
 import { disposeHeads, importHeads, initHeads } from '../model/heads.js';
 import { generateOn } from '../engines/backbone-generate.js';
 import { medusaGenerateGreedyOn } from '../eval/medusa-decode.js';
-import { tfjsProposer } from '../engines/heads-proposer.js';
+import { tfjsProposer, type HeadsProposer } from '../engines/heads-proposer.js';
+import type { Backbone } from '../engines/decoder-engine.js';
+import { measureLiveAccuracy, type LiveAccuracy } from '../eval/live-accuracy.js';
+import { encodeChat } from '../data/chat.js';
 import { writeFileAtomic } from '../io/atomic.js';
 import { lineChartSvg } from '../report/chart.js';
 
@@ -38,7 +43,12 @@ export interface EvalArgs {
   choose?: number;
   /** Also measure real Medusa decoding (greedy, tfjs, batch 1) against plain greedy decoding on this many prompts. */
   speedPrompts?: number;
+  /** Tokens generated per prompt for --speed and --live. */
   speedNewTokens?: number;
+  /** Heads' accuracy on live greedy decoding on this many prompts (held-out prompts, or the first of livePromptTexts). */
+  livePrompts?: number;
+  /** Prompts for --live as text (a --prompt-file), rendered as a user turn with the model's chat template when it has one. */
+  livePromptTexts?: string[];
   log: (line: string) => void;
 }
 
@@ -49,6 +59,10 @@ export interface SpeedRow {
   measuredTokensPerStep: number;
   tokensPerSecond: number;
   speedup: number;
+  /** Mean wall time of one Medusa step (propose + tree verification + acceptance), prefill excluded, ms. */
+  msPerStep: number;
+  /** msPerStep minus the plain decoder's mean time per decoded token (ms): what a step costs beyond a plain decode step. */
+  overheadMsPerStep: number;
   /** Medusa greedy output equal to plain greedy output on every prompt. */
   sameTokens: boolean;
 }
@@ -62,7 +76,16 @@ export interface EvalReport {
   perRank: number[][];
   trees: { budget: number; expectedTokensPerStep: number; nodes: number }[];
   chosen: { budget: number; expectedTokensPerStep: number; choices: MedusaChoices; file: string };
-  speed: { engine: string; prompts: number; newTokens: number; plainTokensPerSecond: number; rows: SpeedRow[] } | null;
+  speed: {
+    engine: string; prompts: number; newTokens: number; plainTokensPerSecond: number;
+    /** Plain greedy decoding's mean time per token after the prefill, ms. */
+    plainMsPerToken: number;
+    rows: SpeedRow[];
+    /** The row with the highest measured speedup. */
+    best: { budget: number; nodes: number; speedup: number; measuredTokensPerStep: number };
+  } | null;
+  /** Heads' accuracy on the base model's own greedy decoding (--live). */
+  live: (LiveAccuracy & { engine: string; source: string; file: string }) | null;
 }
 
 export async function runEval(a: EvalArgs): Promise<EvalReport> {
@@ -122,48 +145,90 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
     json(path.join(evalDir, 'trees.json'), curve);
     const choicesFile = path.join(a.run, 'medusa_choices.json');
     json(choicesFile, chosen.choices);
-    // --- optional: measured Medusa decoding against plain greedy decoding ---
-    let speed: EvalReport['speed'] = null;
-    if (a.speedPrompts && a.speedPrompts > 0) {
+    // --- the heads at decoding time, for --speed and --live ---
+    let proposerMade: HeadsProposer | null = null;
+    const proposer = (): HeadsProposer => {
+      if (proposerMade) return proposerMade;
       const heads = initHeads({ numHeads: K, numLayers: c.heads.num_layers, hiddenSize: d, vocabSize: V, lmHead: c.heads.lm_head }, decoder.weights.lmHead, 0);
       cleanup.push(() => disposeHeads(heads));
       importHeads(heads, ck.heads, ckDir);
-      const proposer = tfjsProposer(heads);
-      const eosIds = [...new Set([...decoder.config.eosTokenIds, ...tokenizer.eosIds])];
-      const newTokens = a.speedNewTokens ?? 64;
-      // prompts: each conversation up to its first generated token
-      const prompts = examples.slice(0, a.speedPrompts).map((e) => Array.from(e.inputIds.subarray(0, Math.max(1, e.lossMask.indexOf(1)))));
+      proposerMade = tfjsProposer(heads);
+      return proposerMade;
+    };
+    const eosIds = [...new Set([...decoder.config.eosTokenIds, ...tokenizer.eosIds])];
+    const newTokens = a.speedNewTokens ?? 64;
+    // held-out prompts: each conversation up to its first generated token
+    const heldOutPrompts = (n: number): number[][] => examples.slice(0, n).map((e) => Array.from(e.inputIds.subarray(0, Math.max(1, e.lossMask.indexOf(1)))));
+    // --- optional: heads' accuracy on live greedy decoding ---
+    let live: EvalReport['live'] = null;
+    if ((a.livePrompts && a.livePrompts > 0) || a.livePromptTexts) {
+      let prompts: number[][];
+      let source: string;
+      if (a.livePromptTexts) {
+        const texts = a.livePromptTexts.slice(0, a.livePrompts ?? a.livePromptTexts.length);
+        if (texts.length === 0) fail('E_USAGE', '--live: the prompt file holds no prompts (one per line).');
+        const template = tokenizer.chatTemplate;
+        prompts = texts.map((p) => (template ? encodeChat(tokenizer, template, [{ role: 'user', content: p }], { addGenerationPrompt: true }).ids : tokenizer.encode(p, { addSpecialTokens: true })));
+        source = template ? 'prompt file (chat template)' : 'prompt file';
+      } else {
+        prompts = heldOutPrompts(a.livePrompts!);
+        source = 'held-out conversations (up to the first generated token)';
+      }
+      const r = await measureLiveAccuracy(backbone, proposer(), prompts, { newTokens, eosIds, padId, topk: TOPK_REPORTED });
+      const file = path.join(evalDir, 'live-accuracy.json');
+      live = { ...r, engine: backbone.kind, source, file };
+      json(file, { checkpoint: ckDir, engine: backbone.kind, source, prompts: r.prompts, new_tokens_per_prompt: r.newTokensPerPrompt, generated_tokens: r.generatedTokens, base_agreement: r.baseAgreement, heads: r.heads, per_rank: r.perRank });
+    }
+    // --- optional: measured Medusa decoding against plain greedy decoding ---
+    let speed: EvalReport['speed'] = null;
+    if (a.speedPrompts && a.speedPrompts > 0) {
+      const prompts = heldOutPrompts(a.speedPrompts);
+      const fwdMs: number[] = [];
+      const timed = timedBackbone(backbone, fwdMs);
       // warm-up (JIT, kernel caches) so the first timed configuration is not penalised
       await generateOn(backbone, [prompts[0]], { maxNewTokens: 4, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds, padId });
-      await medusaGenerateGreedyOn(backbone, proposer, prompts[0], { choices: curve[0].choices, topk: TOPK_REPORTED, maxNewTokens: 4, eosIds });
       const t0 = performance.now();
       const plain: number[][] = [];
-      for (const p of prompts) plain.push((await generateOn(backbone, [p], { maxNewTokens: newTokens, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds, padId })).tokens[0]);
+      let plainDecodeMs = 0;
+      for (const p of prompts) {
+        const g = await generateOn(backbone, [p], { maxNewTokens: newTokens, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds, padId });
+        plain.push(g.tokens[0]);
+        plainDecodeMs += g.decodeMs;
+      }
       const plainSeconds = (performance.now() - t0) / 1000;
       const plainTokens = plain.reduce((x, t) => x + t.length, 0);
+      const plainMsPerToken = plainDecodeMs / plainTokens;
       const rows: SpeedRow[] = [];
       for (const t of curve) {
+        // warm-up of this tree's shapes (engine kernel caches) before timing it
+        await medusaGenerateGreedyOn(backbone, proposer(), prompts[0], { choices: t.choices, topk: TOPK_REPORTED, maxNewTokens: 4, eosIds });
         const t1 = performance.now();
         let steps = 0;
         let tokens = 0;
         let same = true;
+        let prefillMs = 0;
         for (const [i, p] of prompts.entries()) {
-          const r = await medusaGenerateGreedyOn(backbone, proposer, p, { choices: t.choices, topk: TOPK_REPORTED, maxNewTokens: newTokens, eosIds });
+          fwdMs.length = 0;
+          const r = await medusaGenerateGreedyOn(timed, proposer(), p, { choices: t.choices, topk: TOPK_REPORTED, maxNewTokens: newTokens, eosIds });
+          prefillMs += fwdMs[0]; // the first forward of a Medusa run is the prompt's prefill
           steps += r.steps;
           tokens += r.tokens.length;
           if (r.tokens.join(',') !== plain[i].join(',')) same = false;
         }
         const secs = (performance.now() - t1) / 1000;
+        const msPerStep = (secs * 1000 - prefillMs) / steps;
         rows.push({
           budget: t.budget, nodes: t.choices.length, expectedTokensPerStep: t.expectedTokensPerStep, measuredTokensPerStep: tokens / steps,
-          tokensPerSecond: tokens / secs, speedup: tokens / secs / (plainTokens / plainSeconds), sameTokens: same,
+          tokensPerSecond: tokens / secs, speedup: tokens / secs / (plainTokens / plainSeconds), msPerStep, overheadMsPerStep: msPerStep - plainMsPerToken, sameTokens: same,
         });
       }
-      speed = { engine: backbone.kind, prompts: prompts.length, newTokens, plainTokensPerSecond: plainTokens / plainSeconds, rows };
+      const top = rows.reduce((x, y) => (y.speedup > x.speedup ? y : x));
+      const best = { budget: top.budget, nodes: top.nodes, speedup: top.speedup, measuredTokensPerStep: top.measuredTokensPerStep };
+      speed = { engine: backbone.kind, prompts: prompts.length, newTokens, plainTokensPerSecond: plainTokens / plainSeconds, plainMsPerToken, rows, best };
       json(path.join(evalDir, 'speed.json'), speed);
       // chart: tokens per step (expected and measured) and wall-clock speedup against the tree's size
       const svg = await lineChartSvg({
-        title: 'Medusa decoding against tree size', xTitle: 'tree nodes (budget)', yTitle: 'tokens per step / speedup', ordinalX: true,
+        title: `Medusa decoding against tree size (best: budget ${best.budget}, ${best.speedup.toFixed(2)}x)`, xTitle: 'tree nodes (budget)', yTitle: 'tokens per step / speedup', ordinalX: true,
         series: [
           { name: 'expected tokens/step', points: rows.map((r) => ({ x: r.budget, y: r.expectedTokensPerStep })) },
           { name: 'measured tokens/step', points: rows.map((r) => ({ x: r.budget, y: r.measuredTokensPerStep })) },
@@ -176,7 +241,7 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
       run: a.run, checkpoint: ckDir, conversations: examples.length, heads, perRank,
       trees: curve.map((t) => ({ budget: t.budget, expectedTokensPerStep: t.expectedTokensPerStep, nodes: t.choices.length })),
       chosen: { budget: chosen.budget, expectedTokensPerStep: chosen.expectedTokensPerStep, choices: chosen.choices, file: choicesFile },
-      speed,
+      speed, live,
     };
   } finally {
     for (const f of cleanup.reverse()) f();
@@ -191,7 +256,17 @@ export function formatEval(r: EvalReport): string {
   lines.push(`medusa_choices (${r.chosen.choices.length} nodes, expected ${r.chosen.expectedTokensPerStep.toFixed(3)} tokens/step): ${r.chosen.file}`);
   if (r.speed) {
     lines.push(`Medusa greedy decoding vs plain greedy (${r.speed.engine} backbone, batch 1, ${r.speed.prompts} prompts x ${r.speed.newTokens} tokens; plain ${r.speed.plainTokensPerSecond.toFixed(1)} tok/s; chart: ${path.join(r.run, 'eval', 'speed.svg')}):`);
-    for (const x of r.speed.rows) lines.push(`  budget ${String(x.budget).padStart(4)} (${x.nodes} nodes): tokens/step expected ${x.expectedTokensPerStep.toFixed(2)}, measured ${x.measuredTokensPerStep.toFixed(2)}; ${x.tokensPerSecond.toFixed(1)} tok/s, speedup ${x.speedup.toFixed(2)}x${x.sameTokens ? '' : '  (OUTPUT DIFFERS FROM PLAIN GREEDY)'}`);
+    for (const x of r.speed.rows) {
+      lines.push(`  budget ${String(x.budget).padStart(4)} (${x.nodes} nodes): tokens/step expected ${x.expectedTokensPerStep.toFixed(2)}, measured ${x.measuredTokensPerStep.toFixed(2)}; ${x.tokensPerSecond.toFixed(1)} tok/s, speedup ${x.speedup.toFixed(2)}x; ` +
+        `${x.msPerStep.toFixed(2)} ms/step, overhead ${x.overheadMsPerStep >= 0 ? '+' : ''}${x.overheadMsPerStep.toFixed(2)} ms over a plain token (${r.speed.plainMsPerToken.toFixed(2)} ms)${x.sameTokens ? '' : '  (OUTPUT DIFFERS FROM PLAIN GREEDY)'}`);
+    }
+    lines.push(`  best: budget ${r.speed.best.budget} (${r.speed.best.nodes} nodes), speedup ${r.speed.best.speedup.toFixed(2)}x, ${r.speed.best.measuredTokensPerStep.toFixed(2)} tokens/step`);
+  }
+  if (r.live) {
+    const l = r.live;
+    lines.push(`heads on live greedy decoding (${l.engine} backbone, ${l.prompts} prompts from ${l.source}, ${l.generatedTokens} greedy tokens; base lm_head agreement ${(100 * l.baseAgreement).toFixed(1)}%; ${l.file}):`);
+    lines.push(`head  positions  ${topkHeader()}`);
+    l.heads.forEach((h, k) => lines.push(`${String(k).padEnd(6)}${String(h.valid).padEnd(11)}${h.topk.map((x) => `${(100 * x).toFixed(1)}%`.padEnd(8)).join('')}`.trimEnd()));
   }
   return lines.join('\n');
 }
@@ -199,4 +274,22 @@ export function formatEval(r: EvalReport): string {
 /** Column titles top-1 .. top-10, 8 characters each. */
 function topkHeader(): string {
   return Array.from({ length: TOPK_REPORTED }, (_, j) => `top-${j + 1}`.padEnd(8)).join('').trimEnd();
+}
+
+/** The backbone with each forward's wall time appended to `ms` (takes Medusa's prefill out of its step time). */
+function timedBackbone(b: Backbone, ms: number[]): Backbone {
+  return {
+    kind: b.kind,
+    config: b.config,
+    newCache: (batch) => b.newCache(batch),
+    forward: async (args) => {
+      const t = performance.now();
+      try {
+        return await b.forward(args);
+      } finally {
+        ms.push(performance.now() - t);
+      }
+    },
+    dispose: () => {}, // the wrapped backbone is disposed by its owner
+  };
 }
