@@ -155,18 +155,57 @@ export async function writeOnnxHeads(o: WriteOnnxHeadsOptions): Promise<WriteOnn
   const weightBytes = table.reduce((a, r) => a + numel(r.dims) * 4, 0);
   const external = weightBytes > threshold;
 
+  const { model, plan } = onnxHeadsModel(s, lmHead, table, sources, metadata, external ? { location, align } : null, false);
+  let bytes: Uint8Array;
+  try {
+    bytes = onnx.ModelProto.encode(model).finish();
+  } catch (e) {
+    fail('E_INTERNAL', `could not serialize the ONNX heads model for ${out}: ${describe(e)}`, e);
+  }
+  if (bytes.length > ONNX_PROTOBUF_LIMIT_BYTES) fail('E_INTERNAL', `the ONNX heads model is ${bytes.length} bytes, over the protobuf limit, with weights ${external ? 'external' : 'inline'}`);
+
+  try {
+    fs.mkdirSync(path.dirname(out), { recursive: true });
+    if (external) {
+      // data first, then the model that points into it: the model under its final name never refers to a partial data file
+      writeFileAtomic(dataFile, externalParts(plan, sources));
+      writeFileAtomic(out, [bytes]);
+    } else {
+      writeFileAtomic(out, [bytes]);
+      fs.rmSync(dataFile, { force: true }); // a stale data file of an earlier external export
+    }
+  } catch (e) {
+    fail('E_IO', `could not write the ONNX heads model ${external ? `${out} (+ ${dataFile})` : out}: ${describe(e)}`, e);
+  }
+  const files = external ? [out, dataFile] : [out];
+  return { files, bytes: files.reduce((a, f) => a + fs.statSync(f).size, 0), externalData: external };
+}
+
+type ExternalPlan = { row: OnnxHeadsRow; offset: number; length: number }[];
+
+/** Names of the optional top-k proposal input and outputs (`buildOnnxHeadsProposer`). */
+export const ONNX_HEADS_TOPK = { k: 'topk', values: 'topk_values', indices: 'topk_indices' } as const;
+
+/**
+ * The layout's ModelProto over validated sources: weights inline, or external at planned offsets in
+ * `ext.location` (`plan`, written by the caller). `topk` adds the proposal input/outputs (ONNX_HEADS_TOPK).
+ */
+function onnxHeadsModel(
+  s: OnnxHeadsShape, lmHead: OnnxLmHeadMode, table: OnnxHeadsRow[], sources: Map<string, Source>, metadata: Record<string, string>,
+  ext: { location: string; align: number } | null, topk: boolean,
+): { model: InstanceType<typeof onnx.ModelProto>; plan: ExternalPlan } {
   const g = new GraphBuilder('medusa_heads');
   const d = s.hiddenSize;
   g.input(ONNX_HEADS_LAYOUT.input, 'float32', [ONNX_HEADS_BATCH_DIM, ONNX_HEADS_SEQ_DIM, d]);
   // weights: inline (transposed copies) or external (planned offsets; bytes streamed below)
-  const plan: { row: OnnxHeadsRow; offset: number; length: number }[] = [];
+  const plan: ExternalPlan = [];
   let end = 0;
   for (const row of table) {
     const src = sources.get(row.name)!;
-    if (external) {
-      const offset = alignUp(end, align);
+    if (ext) {
+      const offset = alignUp(end, ext.align);
       const length = numel(row.dims) * 4;
-      g.externalInitializer(row.name, 'float32', row.dims, { location, offset, length });
+      g.externalInitializer(row.name, 'float32', row.dims, { location: ext.location, offset, length });
       plan.push({ row, offset, length });
       end = offset + length;
     } else {
@@ -192,33 +231,44 @@ export async function writeOnnxHeads(o: WriteOnnxHeadsOptions): Promise<WriteOnn
   }
   g.node('Concat', perHead, { outputs: [ONNX_HEADS_LAYOUT.output], attrs: { axis: 0 }, name: 'concat_heads' });
   g.output(ONNX_HEADS_LAYOUT.output, 'float32', [s.numHeads, ONNX_HEADS_BATCH_DIM, ONNX_HEADS_SEQ_DIM, s.vocabSize]);
+  if (topk) {
+    // Decoding-time proposals (not part of the exported layout): each head's top-k, best first.
+    const k = g.input(ONNX_HEADS_TOPK.k, 'int64', [1]);
+    g.node('TopK', [ONNX_HEADS_LAYOUT.output, k], { outputs: [ONNX_HEADS_TOPK.values, ONNX_HEADS_TOPK.indices], attrs: { axis: -1, largest: 1, sorted: 1 }, name: 'topk_heads' }); // [K, B, T, k] each
+    g.output(ONNX_HEADS_TOPK.values, 'float32', [s.numHeads, ONNX_HEADS_BATCH_DIM, ONNX_HEADS_SEQ_DIM, 'k']);
+    g.output(ONNX_HEADS_TOPK.indices, 'int64', [s.numHeads, ONNX_HEADS_BATCH_DIM, ONNX_HEADS_SEQ_DIM, 'k']);
+  }
 
   const model = g.build();
   model.metadataProps = Object.entries(metadata).map(([key, value]) => onnx.StringStringEntryProto.create({ key, value }));
   model.docString = `Medusa heads (${ONNX_HEADS_LAYOUT_VERSION}): ${ONNX_HEADS_LAYOUT.input} float32 [batch, seq, ${d}] -> ${ONNX_HEADS_LAYOUT.output} float32 [${s.numHeads}, batch, seq, ${s.vocabSize}]; ${s.numLayers} SiLU residual block(s) per head, lm_head ${lmHead}.`;
-  let bytes: Uint8Array;
-  try {
-    bytes = onnx.ModelProto.encode(model).finish();
-  } catch (e) {
-    fail('E_INTERNAL', `could not serialize the ONNX heads model for ${out}: ${describe(e)}`, e);
-  }
-  if (bytes.length > ONNX_PROTOBUF_LIMIT_BYTES) fail('E_INTERNAL', `the ONNX heads model is ${bytes.length} bytes, over the protobuf limit, with weights ${external ? 'external' : 'inline'}`);
+  return { model, plan };
+}
 
-  try {
-    fs.mkdirSync(path.dirname(out), { recursive: true });
-    if (external) {
-      // data first, then the model that points into it: the model under its final name never refers to a partial data file
-      writeFileAtomic(dataFile, externalParts(plan, sources));
-      writeFileAtomic(out, [bytes]);
-    } else {
-      writeFileAtomic(out, [bytes]);
-      fs.rmSync(dataFile, { force: true }); // a stale data file of an earlier external export
-    }
-  } catch (e) {
-    fail('E_IO', `could not write the ONNX heads model ${external ? `${out} (+ ${dataFile})` : out}: ${describe(e)}`, e);
-  }
-  const files = external ? [out, dataFile] : [out];
-  return { files, bytes: files.reduce((a, f) => a + fs.statSync(f).size, 0), externalData: external };
+export interface OnnxHeadsProposerOptions {
+  /** The heads in the Medusa reference layout (model/heads.ts exportHeads). */
+  heads: ReferenceHeadTensors;
+  shape: OnnxHeadsShape;
+  /** The base lm_head [V, d] when the heads share it. */
+  sharedLmHead?: Float32Array;
+}
+
+/**
+ * The exported layout's graph (weights inline) plus each head's top-k (input `topk` int64 [1],
+ * outputs `topk_values` float32 / `topk_indices` int64 [heads, batch, seq, k], best first), serialized
+ * for an in-memory onnxruntime session: the decoding-time heads proposer. Not written to disk.
+ */
+export function buildOnnxHeadsProposer(o: OnnxHeadsProposerOptions): Uint8Array {
+  const s = o.shape;
+  checkShape(s);
+  const lmHead: OnnxLmHeadMode = o.sharedLmHead ? 'shared' : 'per_head';
+  const table = onnxHeadsTable(s, lmHead);
+  const where = 'the in-memory heads proposer';
+  const sources = collectSources({ ...o, out: where }, table, lmHead);
+  const weightBytes = table.reduce((a, r) => a + numel(r.dims) * 4, 0);
+  if (weightBytes > ONNX_HEADS_INLINE_LIMIT_BYTES) fail('E_UNSUPPORTED', `the heads' weights (${weightBytes} bytes) do not fit one ONNX protobuf for ${where}; use the tfjs proposer`);
+  const { model } = onnxHeadsModel(s, lmHead, table, sources, buildMetadata(s, lmHead, undefined), null, true);
+  return onnx.ModelProto.encode(model).finish();
 }
 
 interface Source {
