@@ -192,11 +192,16 @@ export class NodeDistributions {
     return this.o.temperature === 0;
   }
 
-  /** New logits [nodes, V] (a host copy the caller keeps unchanged until the next reset). */
-  reset(logits: Float32Array): void {
-    if (logits.length % this.V !== 0) fail('E_INTERNAL', `acceptance: ${logits.length} logits are not rows of ${this.V}`);
-    this.logits = logits;
+  /**
+   * New logits [nodes, V] (a host copy the caller keeps unchanged until the next reset); or, for
+   * greedy acceptance, only each node's argmax [nodes] computed by the engine (logits null).
+   */
+  reset(logits: Float32Array | null, argmaxes?: Int32Array): void {
+    if (logits === null && (!this.greedy || argmaxes === undefined)) fail('E_INTERNAL', 'acceptance: typical acceptance needs the logits; greedy needs logits or argmaxes');
+    if (logits !== null && logits.length % this.V !== 0) fail('E_INTERNAL', `acceptance: ${logits.length} logits are not rows of ${this.V}`);
+    this.logits = logits ?? new Float32Array(0);
     this.argmaxOf.clear();
+    if (logits === null) argmaxes!.forEach((a, n) => this.argmaxOf.set(n, a));
     this.probsOf.clear();
     this.thresholdOf.clear();
     this.used = 0;

@@ -23,9 +23,10 @@
  *   client through `serve`) expects sampling, and every emitted token then comes from the same
  *   typical set (accepted candidates pass the threshold, the base token is drawn above it).
  *
- * Host work per step is what acceptance needs: one argmax (greedy) or one float64 softmax
- * (typical) per tree node whose own path was accepted (plus the base position), never per node of
- * the whole tree. Step timing (propose, verify forward, host work) is part of the result.
+ * Host work per step is what acceptance needs: greedy asks the engine for each node's argmax only
+ * (`logits: 'argmax'`, so the [nodes, V] logits never reach JS); typical computes one float64 softmax
+ * per tree node whose own path was accepted (plus the base position), never per node of the whole
+ * tree. Step timing (propose, verify forward, host work) is part of the result.
  */
 import { fail } from '../errors.js';
 import type { Decoder } from '../model/decoder.js';
@@ -160,6 +161,8 @@ export async function startMedusa(backbone: Backbone, heads: HeadsProposer, prom
     posteriorThreshold: o.sampling?.posteriorThreshold ?? TYPICAL_DEFAULTS.posteriorThreshold,
     posteriorAlpha: o.sampling?.posteriorAlpha ?? TYPICAL_DEFAULTS.posteriorAlpha,
   });
+  // Greedy verification needs each node's argmax only: the engine computes it, and the [N, V] logits stay inside.
+  const argmaxOnly = T === 0 && !o.recordLogits;
   const sampleBase = T > 0 && (o.sampling?.baseToken ?? 'typical') === 'typical';
   const rng = new Rng(o.sampling?.seed ?? 0);
   const eos = new Set(o.eosIds);
@@ -223,11 +226,13 @@ export async function startMedusa(backbone: Backbone, heads: HeadsProposer, prom
     const positions = Int32Array.from(tree.positionOffsets, (p) => S + p);
     tp = performance.now();
     t.hostMs += tp - th;
-    const fwd = await backbone.forward({ ids: treeTokens, batch: 1, seqLen: N, cache, logits: 'all', treeMask: { mask: tree.attentionMask, positions } });
+    const fwd = await backbone.forward({ ids: treeTokens, batch: 1, seqLen: N, cache, logits: argmaxOnly ? 'argmax' : 'all', treeMask: { mask: tree.attentionMask, positions } });
     th = performance.now();
     t.verifyMs = th - tp;
-    const logits = fwd.logits!.slice(); // [N, V] host copy (the engine may reuse its buffer)
-    dist.reset(logits);
+    if (argmaxOnly && !fwd.argmax) fail('E_INTERNAL', `the ${backbone.kind} backbone returned no argmax for logits: 'argmax'`);
+    const logits = argmaxOnly ? new Float32Array(0) : fwd.logits!.slice(); // [N, V] host copy (the engine may reuse its buffer)
+    if (argmaxOnly) dist.reset(null, fwd.argmax!.slice()); // [N]
+    else dist.reset(logits);
     lastLogits = logits;
     const { nodes: accepted } = acceptOnTree(dist, treeTokens, tree.retrieveIndices, tree.numPaths, W); // root first
     const bestLen = accepted.length - 1;
