@@ -96,16 +96,20 @@ export function buildProgram(io: Io = defaultIo): Command {
     .option('--seed <n>', 'random seed for sampling', intArg('--seed', 0, 2 ** 32 - 1), 0)
     .option('--no-eos', 'do not stop at end-of-sequence tokens')
     .addOption(new Option('--backbone-engine <name>', 'who runs the model (auto = onnxruntime when it loads, else tfjs)').choices(['auto', 'tfjs', 'onnx']).default('auto'))
-    .option('--medusa <run>', "decode with a training run's Medusa heads and its medusa_choices.json (greedy, --temperature 0)")
+    .option('--medusa <folder>', 'decode with Medusa heads and their medusa_choices.json: a training run (latest checkpoint), a checkpoint, or a medusa / medusa-v2 / vllm export folder; greedy at --temperature 0, typical acceptance above')
+    .option('--posterior-threshold <eps>', 'with --medusa at temperature > 0: typical acceptance eps (accept p(x) > min(eps, delta * exp(-H)))', numArg('--posterior-threshold', 0, 1), 0.09)
+    .option('--posterior-alpha <delta>', 'with --medusa at temperature > 0: typical acceptance delta', numArg('--posterior-alpha', 0, 100), 0.3)
+    .addOption(new Option('--base-token <how>', "with --medusa at temperature > 0: each step's first token drawn from the typical set (seeded), or the argmax (the reference's fast path)").choices(['typical', 'argmax']).default('typical'))
     .option('--json', 'print JSON')
     .addOption(backendOption())
-    .action(async (o: { medusa?: string; model?: string; prompt: string[]; promptFile?: string; chat?: boolean; system?: string; maxNewTokens: number; temperature: number; topP: number; topK: number; seed: number; eos: boolean; backboneEngine: 'auto' | 'tfjs' | 'onnx'; json?: boolean; backend: BackendChoice }) => {
+    .action(async (o: { medusa?: string; posteriorThreshold: number; posteriorAlpha: number; baseToken: 'typical' | 'argmax'; model?: string; prompt: string[]; promptFile?: string; chat?: boolean; system?: string; maxNewTokens: number; temperature: number; topP: number; topK: number; seed: number; eos: boolean; backboneEngine: 'auto' | 'tfjs' | 'onnx'; json?: boolean; backend: BackendChoice }) => {
       await selectBackend(o.backend, io, !!o.json);
       const prompts = [...o.prompt];
       if (o.promptFile) prompts.push(...readPromptFile(o.promptFile));
       const r = await runGenerate({
         model: o.model, prompts, chat: !!o.chat, system: o.system, maxNewTokens: o.maxNewTokens,
         temperature: o.temperature, topP: o.topP, topK: o.topK, seed: o.seed, stopAtEos: o.eos, backboneEngine: o.backboneEngine, medusa: o.medusa,
+        posteriorThreshold: o.posteriorThreshold, posteriorAlpha: o.posteriorAlpha, baseToken: o.baseToken,
         log: (s) => { if (!o.json) io.err(s); },
       });
       io.out(o.json ? JSON.stringify(r, null, 2) : formatGenerate(r));
@@ -122,12 +126,16 @@ export function buildProgram(io: Io = defaultIo): Command {
     .option('--max-queue <n>', 'most requests waiting for a batch (more get 503 + Retry-After)', intArg('--max-queue', 0, 1_000_000), 256)
     .option('--max-new-tokens-limit <n>', 'most new tokens per request (also the default of chat requests, within the context)', intArg('--max-new-tokens-limit', 1, 1_000_000), 4096)
     .addOption(new Option('--backbone-engine <name>', 'who runs the model (auto = onnxruntime when it loads, else tfjs)').choices(['auto', 'tfjs', 'onnx']).default('auto'))
+    .option('--medusa <folder>', 'decode every request with Medusa heads and their medusa_choices.json (a training run, a checkpoint, or a medusa / medusa-v2 / vllm export folder), one request at a time: --max-batch does not apply; greedy at temperature 0, typical acceptance above')
+    .option('--posterior-threshold <eps>', 'with --medusa: typical acceptance eps', numArg('--posterior-threshold', 0, 1), 0.09)
+    .option('--posterior-alpha <delta>', 'with --medusa: typical acceptance delta', numArg('--posterior-alpha', 0, 100), 0.3)
     .addOption(backendOption())
-    .action(async (o: { model?: string; host: string; port: number; servedModelName?: string; maxBatch: number; maxQueue: number; maxNewTokensLimit: number; backboneEngine: 'auto' | 'tfjs' | 'onnx'; backend: BackendChoice }) => {
+    .action(async (o: { model?: string; host: string; port: number; servedModelName?: string; maxBatch: number; maxQueue: number; maxNewTokensLimit: number; backboneEngine: 'auto' | 'tfjs' | 'onnx'; medusa?: string; posteriorThreshold: number; posteriorAlpha: number; backend: BackendChoice }) => {
       await selectBackend(o.backend, io, false);
       const server = await runServe({
         model: o.model, host: o.host, port: o.port, servedModelName: o.servedModelName,
-        maxBatch: o.maxBatch, maxQueue: o.maxQueue, maxNewTokensLimit: o.maxNewTokensLimit, backboneEngine: o.backboneEngine, log: (s) => io.err(s),
+        maxBatch: o.maxBatch, maxQueue: o.maxQueue, maxNewTokensLimit: o.maxNewTokensLimit, backboneEngine: o.backboneEngine,
+        medusa: o.medusa, posteriorThreshold: o.posteriorThreshold, posteriorAlpha: o.posteriorAlpha, log: (s) => io.err(s),
       });
       io.err(`serving ${server.modelName}`);
       io.err(`listening on ${server.url}`);

@@ -20,6 +20,11 @@ import { startServer, type ServerHandle } from '../src/serve/server.js';
 import { IncrementalDetokenizer, StopStrings } from '../src/serve/text.js';
 import { foldSeed } from '../src/serve/protocol.js';
 import { main } from '../src/cli.js';
+import { openModelFolder } from '../src/model/load.js';
+import { disposeHeads, exportHeads, initHeads } from '../src/model/heads.js';
+import { saveCheckpoint } from '../src/train/checkpoint.js';
+import { runExport } from '../src/recipes/export.js';
+import { runServe, type ServeHandle } from '../src/recipes/serve.js';
 
 /* eslint-disable @typescript-eslint/no-explicit-any */
 type Json = any;
@@ -601,5 +606,146 @@ describe('CLI', () => {
     expect(await done).toBe(0);
     expect(err.some((l) => l.startsWith('POST /v1/completions 200'))).toBe(true);
     expect(err[err.length - 1]).toBe('server closed');
+  });
+});
+
+describe('serve --medusa and generate --medusa from export folders', () => {
+  const TREE = [[0], [1], [0, 0], [1, 0], [0, 1], [0, 0, 0]];
+  let runDir: string;
+  let medusaDir: string;
+  let vllmDir: string;
+  let med: ServeHandle;
+  const medLogs: string[] = [];
+
+  async function postTo(base: string, route: string, body: unknown): Promise<{ status: number; json: Json }> {
+    const res = await fetch(base + route, { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
+    return { status: res.status, json: await res.json() };
+  }
+
+  function plainGreedy(ids: number[], n: number, stop: number[] = eosIds): number[] {
+    return generate(decoder, [ids], { maxNewTokens: n, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds: stop, padId: 0 }).tokens[0];
+  }
+
+  beforeAll(async () => {
+    // A run with one checkpoint of fresh heads (W1 = 0, W2 = lm_head: they propose the model's own top tokens), its tree, and two exports.
+    runDir = path.join(tmp, 'medusa-run');
+    const c = decoder.config;
+    const heads = initHeads({ numHeads: 3, numLayers: 1, hiddenSize: c.hiddenSize, vocabSize: c.vocabSize, lmHead: 'per_head' }, decoder.weights.lmHead, 5);
+    saveCheckpoint(runDir, {
+      step: 1, heads: exportHeads(heads), optimizer: {},
+      state: { step: 1, base_model_config_sha256: openModelFolder(modelDir).configHash, base_model_path: path.resolve(modelDir), heads_shape: { num_heads: 3, num_layers: 1, lm_head: 'per_head', hidden_size: c.hiddenSize, vocab_size: c.vocabSize } },
+    }, { keep: 1 });
+    disposeHeads(heads);
+    fs.writeFileSync(path.join(runDir, 'medusa_choices.json'), JSON.stringify(TREE));
+    medusaDir = path.join(tmp, 'medusa-export');
+    vllmDir = path.join(tmp, 'vllm-export');
+    await runExport({ run: runDir, format: 'medusa', out: medusaDir, force: false, log: () => {} });
+    await runExport({ run: runDir, format: 'vllm', out: vllmDir, force: false, log: () => {} });
+    med = await runServe({
+      model: modelDir, host: '127.0.0.1', port: 0, maxBatch: 8, maxQueue: 16, maxNewTokensLimit: 200, backboneEngine: 'tfjs', medusa: medusaDir, log: (l) => medLogs.push(l),
+    });
+  });
+
+  afterAll(async () => {
+    await med?.close();
+  });
+
+  test('/v1/models says the server decodes with Medusa; --max-batch does not apply', async () => {
+    const m = await (await fetch(`${med.url}/v1/models`)).json() as Json;
+    expect(m.data[0].medusa).toMatchObject({ num_heads: 3, tree_nodes: TREE.length, posterior_threshold: 0.09, posterior_alpha: 0.3 });
+    expect(medLogs.some((l) => l.includes('--max-batch 8 does not apply'))).toBe(true);
+  });
+
+  test('temperature 0: exactly plain greedy\'s completion, streamed and not, with the usual usage counts; concurrent requests run one at a time', async () => {
+    const prompts = [[5, 6, 7], [40, 41], [3, 1, 4, 1, 5, 9, 2, 6], [100]];
+    const batchesBefore = med.stats().batches;
+    const answers = await Promise.all(prompts.map((p) => postTo(med.url, '/v1/completions', { prompt: p, max_tokens: 40, temperature: 0, return_token_ids: true })));
+    let accepted = false;
+    for (const [i, p] of prompts.entries()) {
+      const want = plainGreedy(p, 40);
+      const r = answers[i];
+      expect(r.status).toBe(200);
+      const choice = r.json.choices[0];
+      expect(choice.token_ids).toEqual(want);
+      expect(choice.finish_reason).toBe(want.length === 40 && !eosIds.includes(want[39]) ? 'length' : 'stop');
+      expect(r.json.usage).toEqual({ prompt_tokens: p.length, completion_tokens: want.length, total_tokens: p.length + want.length });
+      const s = await stream('/v1/completions', { prompt: p, max_tokens: 40, temperature: 0, return_token_ids: true, stream_options: { include_usage: true } }, { base: med.url });
+      expect(s.status).toBe(200);
+      expect(s.done).toBe(true);
+      const deltas = s.events.filter((e) => e.choices.length > 0);
+      expect(deltas.flatMap((e) => e.choices[0].token_ids)).toEqual(want);
+      expect(deltas.map((e) => e.choices[0].text).join('')).toBe(choice.text);
+      expect(s.events[s.events.length - 1].usage).toEqual(r.json.usage);
+    }
+    expect(med.stats().largestBatch).toBe(1);
+    expect(med.stats().batches - batchesBefore).toBe(2 * prompts.length);
+    for (const l of medLogs) {
+      const m = /^medusa: (\d+) tokens in (\d+) steps/.exec(l);
+      if (m && Number(m[1]) > Number(m[2])) accepted = true;
+    }
+    expect(accepted).toBe(true); // some step accepted head tokens
+    // chat completions too
+    const chat = await postTo(med.url, '/v1/chat/completions', { messages: [{ role: 'user', content: 'Hello there' }], max_tokens: 24, temperature: 0, return_token_ids: true });
+    expect(chat.status).toBe(200);
+    const ids = tokenizer.encode(renderChat(tokenizer.chatTemplate!, [{ role: 'user', content: 'Hello there' }], { addGenerationPrompt: true, bosToken: tokenizer.bosToken, eosToken: tokenizer.eosToken }), { addSpecialTokens: false });
+    expect(chat.json.prompt_token_ids).toEqual(ids);
+    expect(chat.json.choices[0].token_ids).toEqual(plainGreedy(ids, 24));
+  });
+
+  test('temperature > 0: typical acceptance, reproducible from the seed; top_p / top_k are refused', async () => {
+    const body = { prompt: [5, 6, 7], max_tokens: 30, temperature: 0.8, seed: 1234, return_token_ids: true, ignore_eos: true };
+    const a = await postTo(med.url, '/v1/completions', body);
+    const b = await postTo(med.url, '/v1/completions', body);
+    expect(a.status).toBe(200);
+    expect(a.json.choices[0].token_ids).toHaveLength(30);
+    expect(b.json.choices[0].token_ids).toEqual(a.json.choices[0].token_ids);
+    const s = await stream('/v1/completions', body, { base: med.url });
+    expect(s.events.flatMap((e) => e.choices[0].token_ids)).toEqual(a.json.choices[0].token_ids);
+    const others = await Promise.all([1, 2, 3].map((seed) => postTo(med.url, '/v1/completions', { ...body, seed })));
+    expect(others.some((o) => o.json.choices[0].token_ids.join() !== a.json.choices[0].token_ids.join())).toBe(true);
+    const topP = await postTo(med.url, '/v1/completions', { ...body, top_p: 0.5 });
+    expect(topP.status).toBe(400);
+    expect(topP.json.error.param).toBe('top_p');
+    expect(topP.json.error.message).toContain('typical acceptance');
+    const topK = await postTo(med.url, '/v1/completions', { ...body, top_k: 5 });
+    expect(topK.status).toBe(400);
+    expect(topK.json.error.param).toBe('top_k');
+    // greedy ignores top_p, as without Medusa
+    expect((await postTo(med.url, '/v1/completions', { ...body, temperature: 0, top_p: 0.5 })).status).toBe(200);
+  });
+
+  test('CLI: generate --medusa from a medusa or vllm export folder equals plain greedy; typical with a seed; top-p refused; another base model refused', async () => {
+    const args = ['--model', modelDir, '--prompt', 'The quick brown fox', '--max-new-tokens', '32', '--backbone-engine', 'tfjs', '--json'];
+    const run = async (...extra: string[]): Promise<{ code: number; out: string; err: string }> => {
+      const out: string[] = [];
+      const err: string[] = [];
+      const code = await main(['generate', ...args, ...extra], { out: (s) => out.push(s), err: (s) => err.push(s) });
+      return { code, out: out.join('\n'), err: err.join('\n') };
+    };
+    const plain = JSON.parse((await run()).out);
+    for (const dir of [medusaDir, vllmDir]) {
+      const r = await run('--medusa', dir);
+      expect(r.code).toBe(0);
+      const j = JSON.parse(r.out);
+      expect(j.outputs[0].tokens).toEqual(plain.outputs[0].tokens);
+      expect(j.medusa).toMatchObject({ acceptance: 'greedy', nodes: TREE.length, tree: path.join(path.resolve(dir), 'medusa_choices.json') });
+      expect(j.medusa.steps).toBeLessThanOrEqual(plain.outputs[0].tokens.length);
+      for (const k of ['proposeMs', 'verifyMs', 'hostMs']) expect(j.medusa.meanStepMs[k]).toBeGreaterThanOrEqual(0);
+    }
+    const t1 = JSON.parse((await run('--medusa', medusaDir, '--temperature', '0.8', '--seed', '7', '--no-eos')).out);
+    const t2 = JSON.parse((await run('--medusa', medusaDir, '--temperature', '0.8', '--seed', '7', '--no-eos')).out);
+    expect(t1.medusa).toMatchObject({ acceptance: 'typical', posteriorThreshold: 0.09, posteriorAlpha: 0.3, baseToken: 'typical' });
+    expect(t1.outputs[0].tokens).toHaveLength(32);
+    expect(t2.outputs[0].tokens).toEqual(t1.outputs[0].tokens);
+    const refused = await run('--medusa', medusaDir, '--temperature', '0.8', '--top-p', '0.9');
+    expect(refused.code).not.toBe(0);
+    expect(refused.err).toContain('--top-p');
+    // heads exported from another base model's run: the recorded config hash differs
+    const other = path.join(tmp, 'other-serve-base');
+    writeTinyModel(other, { seed: 8, maxPositionEmbeddings: 512 }); // another config.json (the hash covers the config, not the weights)
+    const wrong = await main(['generate', '--model', other, '--medusa', medusaDir, '--prompt', 'hi', '--backbone-engine', 'tfjs'], { out: () => {}, err: (s) => medLogs.push(s) });
+    expect(wrong).not.toBe(0);
+    expect(medLogs[medLogs.length - 1]).toContain('another base model');
+    expect(medLogs[medLogs.length - 1]).toContain(path.join(other, 'config.json'));
   });
 });

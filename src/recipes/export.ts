@@ -150,7 +150,7 @@ function shapeText(s: RefShape): string {
 // Sources
 // ---------------------------------------------------------------------------------------------
 
-interface Source {
+export interface Source {
   kind: SourceKind;
   /** The folder read (a checkpoint folder or a heads folder). */
   dir: string;
@@ -194,7 +194,7 @@ function checkpointRecipe(state: Record<string, unknown>, ckDir: string): string
 export const CHOICES_FILE = 'medusa_choices.json';
 
 /** The tree of the run a checkpoint belongs to (<run>/medusa_choices.json), or of an imported heads folder. */
-function findChoices(src: Source): { file: string; choices: MedusaChoices } | null {
+export function findChoices(src: Source): { file: string; choices: MedusaChoices } | null {
   const candidates = src.kind === 'checkpoint'
     ? [path.join(src.protect, CHOICES_FILE), path.join(src.dir, '..', '..', CHOICES_FILE)]
     : [path.join(src.dir, CHOICES_FILE)];
@@ -263,7 +263,7 @@ function openCheckpoint(ckDir: string, runDir: string | null): Source {
   };
 }
 
-function openSource(run: string): Source {
+export function openSource(run: string): Source {
   const abs = path.resolve(run);
   if (!isDir(abs)) fail('E_IO', `${abs} does not exist or is not a folder; pass a run folder, a checkpoint folder (checkpoints/step-N) or a heads folder`);
   if (isFile(path.join(abs, STATE_FILE))) {

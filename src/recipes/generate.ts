@@ -2,16 +2,14 @@
  * `medusa-train generate`: load a model folder (or the embedded tiny model), tokenize the prompts
  * (optionally through the chat template), generate in one batch with the KV cache, and report speed.
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { fail } from '../errors.js';
-import { readJsonFile } from '../io/json.js';
-import { openModelFolder } from '../model/load.js';
 import type { Decoder } from '../model/decoder.js';
-import { disposeHeads, importHeads, initHeads } from '../model/heads.js';
-import { medusaGenerateGreedyOn } from '../eval/medusa-decode.js';
+import { disposeHeads } from '../model/heads.js';
+import { streamSeed } from '../model/sampling.js';
+import { meanStepTiming, medusaGenerateOn, type MedusaDecodeResult, type MedusaStepTiming } from '../eval/medusa-decode.js';
+import { TYPICAL_DEFAULTS } from '../eval/acceptance.js';
+import { headsOnTfjs, openHeadsSource } from '../eval/heads-source.js';
 import { tfjsProposer } from '../engines/heads-proposer.js';
-import { latestCheckpoint, loadCheckpoint } from '../train/checkpoint.js';
 import { currentBackend } from '../backend.js';
 import { loadDecoder } from '../model/load.js';
 import { disposeWeights } from '../model/weights.js';
@@ -35,8 +33,18 @@ export interface GenerateArgs {
   stopAtEos: boolean;
   /** Who runs the model: auto = onnxruntime when it loads, else tfjs. */
   backboneEngine?: 'auto' | 'tfjs' | 'onnx';
-  /** A training run folder: decode with its Medusa heads (greedy, tfjs engine, one prompt at a time). */
+  /**
+   * A training run folder (latest checkpoint), checkpoint folder or medusa / medusa-v2 / vllm export
+   * folder: decode with its Medusa heads and tree, one prompt at a time (greedy at temperature 0, else
+   * typical acceptance; top-p / top-k are refused).
+   */
   medusa?: string;
+  /** Typical acceptance eps (default 0.09). */
+  posteriorThreshold?: number;
+  /** Typical acceptance delta (default 0.3). */
+  posteriorAlpha?: number;
+  /** With --medusa at temperature > 0: base token drawn from the typical set (default) or the argmax (the reference's fast path). */
+  baseToken?: 'typical' | 'argmax';
   log: (line: string) => void;
 }
 
@@ -49,8 +57,12 @@ export interface GenerateReport {
   prefillTokensPerSecond: number;
   decodeTokensPerSecond: number;
   loadMs: number;
-  /** With --medusa: decoding steps and tokens per step. */
-  medusa?: { run: string; checkpoint: string; nodes: number; steps: number; tokensPerStep: number };
+  /** With --medusa: where the heads and tree came from, decoding steps, tokens per step, mean per-step milliseconds. */
+  medusa?: {
+    source: string; heads: string; tree: string; nodes: number; steps: number; tokensPerStep: number;
+    acceptance: 'greedy' | 'typical'; posteriorThreshold?: number; posteriorAlpha?: number; baseToken?: 'typical' | 'argmax';
+    meanStepMs: MedusaStepTiming;
+  };
 }
 
 export async function runGenerate(a: GenerateArgs): Promise<GenerateReport> {
@@ -59,7 +71,8 @@ export async function runGenerate(a: GenerateArgs): Promise<GenerateReport> {
   if (!a.model) a.log(`model: the embedded tiny model (random weights) at ${dir}`);
   const prompts = a.prompts.length > 0 ? a.prompts : ['Hello! Tell me about Medusa heads.'];
   const t0 = performance.now();
-  const { decoder, report } = loadDecoder(dir);
+  const { decoder, report, folder } = loadDecoder(dir);
+  const configHash = folder.configHash;
   if (report.unexpected.length > 0) a.log(`warning: ${report.unexpected.length} tensor(s) in ${dir} are not used: ${report.unexpected.slice(0, 5).join(', ')}`);
   const tokenizer = await loadTokenizer(dir);
   const backbone = await chooseBackbone(a.backboneEngine ?? 'auto', decoder, a.log);
@@ -74,7 +87,7 @@ export async function runGenerate(a: GenerateArgs): Promise<GenerateReport> {
       // Segment-wise, exactly as distill builds its prompts, so both give the same tokens.
       return encodeChat(tokenizer, template, messages, { addGenerationPrompt: true }).ids;
     });
-    if (a.medusa) return await medusaReport(a, dir, decoder, backbone, tokenizer, prompts, promptIds, loadMs);
+    if (a.medusa) return await medusaReport(a, dir, decoder, configHash, backbone, tokenizer, prompts, promptIds, loadMs);
     // --- generate ---
     const eosIds = a.stopAtEos ? [...new Set([...decoder.config.eosTokenIds, ...tokenizer.eosIds])] : [];
     const padId = decoder.config.padTokenId ?? tokenizer.padId ?? eosIds[0] ?? 0;
@@ -107,41 +120,44 @@ export function formatGenerate(r: GenerateReport): string {
     lines.push(`[${o.tokens.length} tokens, finished by ${o.finish}]`);
   }
   if (r.medusa) {
-    lines.push(`Medusa: ${r.medusa.steps} steps, ${r.medusa.tokensPerStep.toFixed(2)} tokens/step with a ${r.medusa.nodes}-node tree (${r.medusa.checkpoint}); ${r.newTokens} tokens at ${r.decodeTokensPerSecond.toFixed(1)} tok/s`);
+    const m = r.medusa;
+    const acc = m.acceptance === 'greedy' ? 'greedy' : `typical (eps ${m.posteriorThreshold}, delta ${m.posteriorAlpha}, ${m.baseToken} base token)`;
+    const ms = m.meanStepMs;
+    lines.push(`Medusa (${acc}): ${m.steps} steps, ${m.tokensPerStep.toFixed(2)} tokens/step with a ${m.nodes}-node tree (${m.heads}); ${r.newTokens} tokens at ${r.decodeTokensPerSecond.toFixed(1)} tok/s`);
+    lines.push(`per step: propose ${ms.proposeMs.toFixed(2)} ms, verify ${ms.verifyMs.toFixed(2)} ms, host ${ms.hostMs.toFixed(2)} ms on ${r.backend}`);
     return lines.join('\n');
   }
   lines.push(`${r.promptTokens} prompt tokens at ${r.prefillTokensPerSecond.toFixed(1)} tok/s, ${r.newTokens} new tokens at ${r.decodeTokensPerSecond.toFixed(1)} tok/s on ${r.backend} (load ${r.loadMs.toFixed(0)} ms)`);
   return lines.join('\n');
 }
 
-/** `generate --medusa <run>`: Medusa greedy decoding with a run's latest heads and its medusa_choices.json. */
-async function medusaReport(a: GenerateArgs, dir: string, decoder: Decoder, backbone: Backbone, tokenizer: Tokenizer, prompts: string[], promptIds: number[][], loadMs: number): Promise<GenerateReport> {
-  const run = a.medusa!;
-  if (a.temperature !== 0) fail('E_USAGE', '--medusa decodes greedily for now: pass --temperature 0 (typical acceptance is not wired into generate yet).');
-  const ckDir = latestCheckpoint(run);
-  if (!ckDir) fail('E_IO', `${run} has no checkpoint (checkpoints/step-N); pass a training run folder to --medusa.`);
-  const ck = loadCheckpoint(ckDir);
-  const folder = openModelFolder(dir);
-  if (ck.state['base_model_config_sha256'] !== folder.configHash) {
-    fail('E_CONFIG', `the heads in ${ckDir} were trained on another base model (config sha256 differs from ${dir}/config.json); use --model with the run's base model.`);
+/**
+ * `generate --medusa <run or export>`: Medusa decoding, one prompt at a time, with the heads and tree
+ * of a training run (latest checkpoint) or an export folder (src/eval/heads-source.ts). Greedy at
+ * temperature 0 (equal to plain greedy), typical acceptance above (src/eval/medusa-decode.ts); prompt
+ * i draws its base tokens from streamSeed(seed, i), as plain sampling seeds its rows.
+ */
+async function medusaReport(a: GenerateArgs, dir: string, decoder: Decoder, configHash: string, backbone: Backbone, tokenizer: Tokenizer, prompts: string[], promptIds: number[][], loadMs: number): Promise<GenerateReport> {
+  if (a.temperature > 0 && (a.topP < 1 || a.topK > 0)) {
+    fail('E_USAGE', `--medusa decodes with typical acceptance at temperature > 0, which has no top-p/top-k: drop --top-p ${a.topP} / --top-k ${a.topK} (use --posterior-threshold / --posterior-alpha to narrow what is accepted), or decode without --medusa.`);
   }
-  const shape = ck.state['heads_shape'] as { num_heads: number; num_layers: number; lm_head: 'per_head' | 'shared' };
-  const heads = initHeads({ numHeads: shape.num_heads, numLayers: shape.num_layers, hiddenSize: decoder.config.hiddenSize, vocabSize: decoder.config.vocabSize, lmHead: shape.lm_head }, decoder.weights.lmHead, 0);
+  const src = openHeadsSource(a.medusa!, { dir, configHash, hiddenSize: decoder.config.hiddenSize, vocabSize: decoder.config.vocabSize });
+  for (const n of src.notes) a.log(n);
+  const heads = headsOnTfjs(src, decoder);
+  const proposer = tfjsProposer(heads);
   try {
-    importHeads(heads, ck.heads, ckDir);
-    const proposer = tfjsProposer(heads);
-    const choicesFile = path.join(run, 'medusa_choices.json');
-    // without a calibrated tree: a chain (each head's top token)
-    const choices: number[][] = fs.existsSync(choicesFile) ? (readJsonFile(choicesFile) as number[][]) : Array.from({ length: shape.num_heads }, (_, k) => new Array<number>(k + 1).fill(0));
-    if (!fs.existsSync(choicesFile)) a.log(`no ${choicesFile} (run \`medusa-train eval\` to fit a tree): using a chain of ${shape.num_heads} nodes`);
-    const topk = Math.max(...choices.flat()) + 1;
     const eosIds = a.stopAtEos ? [...new Set([...decoder.config.eosTokenIds, ...tokenizer.eosIds])] : [];
     const t0 = performance.now();
     let steps = 0;
+    const timings: MedusaDecodeResult['timing']['steps'] = [];
     const outputs: GenerateReport['outputs'] = [];
     for (const [i, p] of prompts.entries()) {
-      const r = await medusaGenerateGreedyOn(backbone, proposer, promptIds[i], { choices, topk, maxNewTokens: a.maxNewTokens, eosIds });
+      const r = await medusaGenerateOn(backbone, proposer, promptIds[i], {
+        choices: src.choices, topk: src.topk, maxNewTokens: a.maxNewTokens, eosIds,
+        sampling: { temperature: a.temperature, posteriorThreshold: a.posteriorThreshold, posteriorAlpha: a.posteriorAlpha, seed: streamSeed(a.seed, i), baseToken: a.baseToken },
+      });
       steps += r.steps;
+      timings.push(...r.timing.steps);
       const last = r.tokens[r.tokens.length - 1];
       outputs.push({ prompt: p, promptTokens: promptIds[i], tokens: r.tokens, text: tokenizer.decode(r.tokens, { skipSpecialTokens: true }), finish: eosIds.includes(last) ? 'eos' : 'length' });
     }
@@ -151,9 +167,16 @@ async function medusaReport(a: GenerateArgs, dir: string, decoder: Decoder, back
       model: dir, backend: `${backbone.kind === 'onnx' ? 'onnx' : currentBackend().name} (Medusa)`, outputs,
       promptTokens: promptIds.reduce((x, p) => x + p.length, 0), newTokens,
       prefillTokensPerSecond: NaN, decodeTokensPerSecond: newTokens / Math.max(secs, 1e-9), loadMs,
-      medusa: { run, checkpoint: ckDir, nodes: choices.length, steps, tokensPerStep: newTokens / Math.max(steps, 1) },
+      medusa: {
+        source: a.medusa!, heads: src.describe, tree: src.choicesFile ?? 'chain', nodes: src.choices.length, steps,
+        tokensPerStep: newTokens / Math.max(steps, 1),
+        acceptance: a.temperature === 0 ? 'greedy' : 'typical',
+        ...(a.temperature > 0 ? { posteriorThreshold: a.posteriorThreshold ?? TYPICAL_DEFAULTS.posteriorThreshold, posteriorAlpha: a.posteriorAlpha ?? TYPICAL_DEFAULTS.posteriorAlpha, baseToken: a.baseToken ?? 'typical' } : {}),
+        meanStepMs: meanStepTiming({ timing: { prefillMs: 0, steps: timings } }),
+      },
     };
   } finally {
+    proposer.dispose();
     disposeHeads(heads);
   }
 }

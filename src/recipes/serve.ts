@@ -1,6 +1,7 @@
 /**
  * `medusa-train serve`: load a model folder (or the embedded tiny model) and its tokenizer, and start
- * the OpenAI-compatible server over it (src/serve/server.ts). The returned handle's `close` stops
+ * the OpenAI-compatible server over it (src/serve/server.ts). With `--medusa`, requests are decoded
+ * one at a time with Medusa heads (src/serve/medusa-engine.ts). The returned handle's `close` stops
  * the server and frees the weights.
  */
 import * as path from 'node:path';
@@ -12,6 +13,12 @@ import { loadTokenizer } from '../data/tokenizer.js';
 import { chooseBackbone } from '../engines/decoder-engine.js';
 import { startBackboneGeneration } from '../engines/backbone-generate.js';
 import { startServer, type ServerHandle } from '../serve/server.js';
+import type { Engine } from '../serve/scheduler.js';
+import { medusaEngine } from '../serve/medusa-engine.js';
+import { disposeHeads, type MedusaHeads } from '../model/heads.js';
+import { headsOnTfjs, openHeadsSource } from '../eval/heads-source.js';
+import { TYPICAL_DEFAULTS } from '../eval/acceptance.js';
+import { tfjsProposer } from '../engines/heads-proposer.js';
 
 export interface ServeArgs {
   model?: string;
@@ -24,6 +31,15 @@ export interface ServeArgs {
   maxNewTokensLimit: number;
   /** Who runs the model: auto = onnxruntime when it loads, else tfjs. */
   backboneEngine?: 'auto' | 'tfjs' | 'onnx';
+  /**
+   * A training run, checkpoint, or medusa / medusa-v2 / vllm export folder: decode every request with
+   * its Medusa heads and tree, one request at a time (maxBatch does not apply), greedy at temperature
+   * 0 and typical acceptance above.
+   */
+  medusa?: string;
+  /** Typical acceptance eps / delta with --medusa (defaults 0.09 / 0.3). */
+  posteriorThreshold?: number;
+  posteriorAlpha?: number;
   log: (line: string) => void;
 }
 
@@ -36,7 +52,12 @@ export async function runServe(a: ServeArgs): Promise<ServeHandle> {
   const dir = a.model ?? ensureEmbeddedModel();
   if (!a.model) a.log(`model: the embedded tiny model (random weights) at ${dir}`);
   const t0 = performance.now();
-  const { decoder, report } = loadDecoder(dir);
+  const { decoder, report, folder } = loadDecoder(dir);
+  let heads: MedusaHeads | null = null;
+  const freeHeads = (): void => {
+    if (heads) disposeHeads(heads);
+    heads = null;
+  };
   try {
     if (report.unexpected.length > 0) a.log(`warning: ${report.unexpected.length} tensor(s) in ${dir} are not used: ${report.unexpected.slice(0, 5).join(', ')}`);
     const tokenizer = await loadTokenizer(dir);
@@ -46,10 +67,25 @@ export async function runServe(a: ServeArgs): Promise<ServeHandle> {
     a.log(`backbone engine: ${backbone.kind}`);
     let server: ServerHandle;
     try {
+      let engine: Engine = (_model, prompts, o) => startBackboneGeneration(backbone, prompts, o);
+      let maxBatch = a.maxBatch;
+      let medusa: Record<string, unknown> | undefined;
+      if (a.medusa !== undefined) {
+        const src = openHeadsSource(a.medusa, { dir, configHash: folder.configHash, hiddenSize: decoder.config.hiddenSize, vocabSize: decoder.config.vocabSize });
+        for (const n of src.notes) a.log(n);
+        heads = headsOnTfjs(src, decoder);
+        const posteriorThreshold = a.posteriorThreshold ?? TYPICAL_DEFAULTS.posteriorThreshold;
+        const posteriorAlpha = a.posteriorAlpha ?? TYPICAL_DEFAULTS.posteriorAlpha;
+        engine = medusaEngine({ backbone, proposer: tfjsProposer(heads), choices: src.choices, topk: src.topk, posteriorThreshold, posteriorAlpha, log: a.log });
+        if (maxBatch > 1) a.log(`--max-batch ${maxBatch} does not apply with --medusa: requests are decoded one at a time (batch 1); the others wait in the queue (--max-queue)`);
+        maxBatch = 1;
+        medusa = { heads: src.describe, num_heads: src.shape.numHeads, tree_nodes: src.choices.length, posterior_threshold: posteriorThreshold, posterior_alpha: posteriorAlpha };
+        a.log(`medusa: ${src.describe}, ${src.choices.length}-node tree${src.choicesFile ? ` from ${src.choicesFile}` : ' (chain)'}; greedy at temperature 0, typical acceptance (eps ${posteriorThreshold}, delta ${posteriorAlpha}) above`);
+      }
       server = await startServer({
         decoder, tokenizer, modelName, host: a.host, port: a.port,
-        maxBatch: a.maxBatch, maxQueue: a.maxQueue, maxNewTokensLimit: a.maxNewTokensLimit, log: a.log,
-        engine: (_model, prompts, o) => startBackboneGeneration(backbone, prompts, o),
+        maxBatch, maxQueue: a.maxQueue, maxNewTokensLimit: a.maxNewTokensLimit, log: a.log,
+        engine, medusa,
       });
     } catch (e) {
       backbone.dispose();
@@ -62,10 +98,12 @@ export async function runServe(a: ServeArgs): Promise<ServeHandle> {
       close: async (o) => {
         await server.close(o);
         backbone.dispose();
+        freeHeads();
         disposeWeights(decoder.weights); // idempotent
       },
     };
   } catch (e) {
+    freeHeads();
     disposeWeights(decoder.weights);
     throw e;
   }

@@ -44,6 +44,8 @@ export interface ProtocolContext {
   maxNewTokensLimit: number;
   /** Ids that end generation unless ignore_eos. */
   eosIds: readonly number[];
+  /** Medusa decoding (serve --medusa): top_p / top_k at temperature > 0 are refused (typical acceptance has neither). */
+  medusa?: boolean;
 }
 
 export interface GenerationRequest {
@@ -154,6 +156,10 @@ function commonFields(b: Body, ctx: ProtocolContext): Omit<GenerationRequest, 'k
   const topP = num(b, 'top_p', 1, 0, 1, true);
   const topKRaw = int(b, 'top_k', -1, Number.MAX_SAFE_INTEGER);
   const topK = topKRaw === undefined || topKRaw <= 0 ? 0 : Math.min(topKRaw, ctx.vocabSize);
+  if (ctx.medusa && temperature > 0 && (topP < 1 || (topK > 0 && topK < ctx.vocabSize))) {
+    throw badRequest(topP < 1 ? 'top_p' : 'top_k',
+      `This server decodes with Medusa heads: at temperature > 0 it uses typical acceptance, which has no ${topP < 1 ? 'top_p' : 'top_k'}. Leave top_p at 1 and top_k unset, or send temperature 0 for greedy decoding.`);
+  }
   const seedRaw = int(b, 'seed', Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER);
   const seed = seedRaw === undefined ? null : foldSeed(seedRaw);
 

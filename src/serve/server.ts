@@ -50,6 +50,11 @@ export interface ServerOptions {
   maxBodyBytes?: number;
   /** The generation engine (default startGeneration); tests inject faults through it. */
   engine?: Engine;
+  /**
+   * Set when `engine` decodes with Medusa heads (src/serve/medusa-engine.ts, with maxBatch 1): the
+   * protocol refuses top_p / top_k at temperature > 0, and /v1/models shows this object as `medusa`.
+   */
+  medusa?: Record<string, unknown>;
 }
 
 export interface ServerStats extends SchedulerStats {
@@ -172,9 +177,9 @@ export async function startServer(opts: ServerOptions): Promise<ServerHandle> {
   const padCandidates = [cfg.padTokenId, tokenizer.padId, eosIds[0], 0];
   const padId = padCandidates.find((id): id is number => typeof id === 'number' && id >= 0 && id < V) ?? 0;
   const maxBodyBytes = opts.maxBodyBytes ?? SERVER_LIMITS.maxBodyBytes;
-  const pctx: ProtocolContext = { modelName, tokenizer, vocabSize: V, maxContext: cfg.maxPositionEmbeddings, maxNewTokensLimit: opts.maxNewTokensLimit, eosIds };
+  const pctx: ProtocolContext = { modelName, tokenizer, vocabSize: V, maxContext: cfg.maxPositionEmbeddings, maxNewTokensLimit: opts.maxNewTokensLimit, eosIds, medusa: opts.medusa !== undefined };
   const created = nowSeconds();
-  const modelCard = { id: modelName, object: 'model', created, owned_by: 'medusa-train', max_model_len: cfg.maxPositionEmbeddings };
+  const modelCard = { id: modelName, object: 'model', created, owned_by: 'medusa-train', max_model_len: cfg.maxPositionEmbeddings, ...(opts.medusa ? { medusa: opts.medusa } : {}) };
 
   let closing = false;
   let requests = 0;
