@@ -25,6 +25,9 @@ import { disposeHeads, exportHeads, initHeads } from '../src/model/heads.js';
 import { saveCheckpoint } from '../src/train/checkpoint.js';
 import { runExport } from '../src/recipes/export.js';
 import { runServe, type ServeHandle } from '../src/recipes/serve.js';
+import { openHeadsSource } from '../src/eval/heads-source.js';
+import { readHeader, readTensorF32, writeSafetensors } from '../src/io/safetensors.js';
+import { expectMedusa } from './helpers/errors.js';
 
 /* eslint-disable @typescript-eslint/no-explicit-any */
 type Json = any;
@@ -712,6 +715,30 @@ describe('serve --medusa and generate --medusa from export folders', () => {
     expect(topK.json.error.param).toBe('top_k');
     // greedy ignores top_p, as without Medusa
     expect((await postTo(med.url, '/v1/completions', { ...body, temperature: 0, top_p: 0.5 })).status).toBe(200);
+  });
+
+  test('heads source: a published folder without our metadata is matched by shape; no medusa_choices.json = a chain (said); bad trees and sizes are refused naming the file', async () => {
+    // The medusa export's tensors again, without the safetensors metadata that records the base model's config hash.
+    const foreign = path.join(tmp, 'foreign-medusa');
+    fs.mkdirSync(foreign);
+    const h = readHeader(path.join(medusaDir, 'medusa_lm_head.safetensors'));
+    writeSafetensors(path.join(foreign, 'medusa_lm_head.safetensors'), Object.fromEntries([...h.tensors].map(([n, t]) => [n, { dtype: 'F32' as const, shape: t.shape, data: readTensorF32(t) }])));
+    fs.copyFileSync(path.join(medusaDir, 'config.json'), path.join(foreign, 'config.json'));
+    const c = decoder.config;
+    const base = { dir: modelDir, configHash: openModelFolder(modelDir).configHash, hiddenSize: c.hiddenSize, vocabSize: c.vocabSize };
+    const src = openHeadsSource(foreign, base);
+    expect(src).toMatchObject({ kind: 'medusa', baseCheck: 'shape', choicesFile: null, choices: [[0], [0, 0], [0, 0, 0]], topk: 1 });
+    expect(src.notes.some((n) => n.includes('using a chain of 3 nodes'))).toBe(true);
+    expect(openHeadsSource(medusaDir, base)).toMatchObject({ baseCheck: 'config-sha256', choices: TREE });
+    expectMedusa(() => openHeadsSource(foreign, { ...base, hiddenSize: c.hiddenSize + 1 }), 'E_CONFIG', path.join(foreign, 'config.json'), `hidden size ${c.hiddenSize}`);
+    // a chain decodes like plain greedy too
+    const out: string[] = [];
+    const err: string[] = [];
+    expect(await main(['generate', '--model', modelDir, '--medusa', foreign, '--prompt', 'abc', '--max-new-tokens', '12', '--backbone-engine', 'tfjs', '--json'], { out: (x) => out.push(x), err: (x) => err.push(x) })).toBe(0);
+    expect(JSON.parse(out.join('\n')).outputs[0].tokens).toEqual(plainGreedy(tokenizer.encode('abc', { addSpecialTokens: true }), 12));
+    // a tree deeper than the heads
+    fs.writeFileSync(path.join(foreign, 'medusa_choices.json'), JSON.stringify([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]));
+    expectMedusa(() => openHeadsSource(foreign, base), 'E_CONFIG', path.join(foreign, 'medusa_choices.json'));
   });
 
   test('CLI: generate --medusa from a medusa or vllm export folder equals plain greedy; typical with a seed; top-p refused; another base model refused', async () => {
