@@ -200,8 +200,9 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
       const plainMsPerToken = plainDecodeMs / plainTokens;
       const rows: SpeedRow[] = [];
       for (const t of curve) {
+        const topk = Math.max(...t.choices.flat()) + 1; // the heads' top-k this tree needs (as generate --medusa)
         // warm-up of this tree's shapes (engine kernel caches) before timing it
-        await medusaGenerateGreedyOn(backbone, proposer(), prompts[0], { choices: t.choices, topk: TOPK_REPORTED, maxNewTokens: 4, eosIds });
+        await medusaGenerateGreedyOn(backbone, proposer(), prompts[0], { choices: t.choices, topk, maxNewTokens: 4, eosIds });
         const t1 = performance.now();
         let steps = 0;
         let tokens = 0;
@@ -209,7 +210,7 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
         let prefillMs = 0;
         for (const [i, p] of prompts.entries()) {
           fwdMs.length = 0;
-          const r = await medusaGenerateGreedyOn(timed, proposer(), p, { choices: t.choices, topk: TOPK_REPORTED, maxNewTokens: newTokens, eosIds });
+          const r = await medusaGenerateGreedyOn(timed, proposer(), p, { choices: t.choices, topk, maxNewTokens: newTokens, eosIds });
           prefillMs += fwdMs[0]; // the first forward of a Medusa run is the prompt's prefill
           steps += r.steps;
           tokens += r.tokens.length;
