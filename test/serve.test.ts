@@ -759,6 +759,10 @@ describe('serve --medusa and generate --medusa from export folders', () => {
       expect(j.medusa.steps).toBeLessThanOrEqual(plain.outputs[0].tokens.length);
       for (const k of ['proposeMs', 'verifyMs', 'hostMs']) expect(j.medusa.meanStepMs[k]).toBeGreaterThanOrEqual(0);
     }
+    // the onnx backbone with the heads on onnxruntime too
+    const onnx = JSON.parse((await run('--medusa', medusaDir, '--backbone-engine', 'onnx')).out);
+    expect(onnx.backend).toBe('onnx (Medusa, heads on onnx)');
+    expect(onnx.outputs[0].tokens).toEqual(plain.outputs[0].tokens);
     const t1 = JSON.parse((await run('--medusa', medusaDir, '--temperature', '0.8', '--seed', '7', '--no-eos')).out);
     const t2 = JSON.parse((await run('--medusa', medusaDir, '--temperature', '0.8', '--seed', '7', '--no-eos')).out);
     expect(t1.medusa).toMatchObject({ acceptance: 'typical', posteriorThreshold: 0.09, posteriorAlpha: 0.3, baseToken: 'typical' });

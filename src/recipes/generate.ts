@@ -9,7 +9,7 @@ import { streamSeed } from '../model/sampling.js';
 import { meanStepTiming, medusaGenerateOn, type MedusaDecodeResult, type MedusaStepTiming } from '../eval/medusa-decode.js';
 import { TYPICAL_DEFAULTS } from '../eval/acceptance.js';
 import { headsOnTfjs, openHeadsSource } from '../eval/heads-source.js';
-import { tfjsProposer } from '../engines/heads-proposer.js';
+import { chooseProposer, type HeadsProposer } from '../engines/heads-proposer.js';
 import { currentBackend } from '../backend.js';
 import { loadDecoder } from '../model/load.js';
 import { disposeWeights } from '../model/weights.js';
@@ -144,15 +144,17 @@ async function medusaReport(a: GenerateArgs, dir: string, decoder: Decoder, conf
   const src = openHeadsSource(a.medusa!, { dir, configHash, hiddenSize: decoder.config.hiddenSize, vocabSize: decoder.config.vocabSize });
   for (const n of src.notes) a.log(n);
   const heads = headsOnTfjs(src, decoder);
-  const proposer = tfjsProposer(heads);
+  let proposer: HeadsProposer | null = null;
   try {
+    // The heads run where the backbone runs: onnxruntime with the onnx backbone (tfjs if it cannot load), else tfjs.
+    proposer = await chooseProposer(backbone.kind === 'onnx' ? 'auto' : 'tfjs', heads, { log: a.log });
     const eosIds = a.stopAtEos ? [...new Set([...decoder.config.eosTokenIds, ...tokenizer.eosIds])] : [];
     const t0 = performance.now();
     let steps = 0;
     const timings: MedusaDecodeResult['timing']['steps'] = [];
     const outputs: GenerateReport['outputs'] = [];
     for (const [i, p] of prompts.entries()) {
-      const r = await medusaGenerateOn(backbone, proposer, promptIds[i], {
+      const r = await medusaGenerateOn(backbone, proposer!, promptIds[i], {
         choices: src.choices, topk: src.topk, maxNewTokens: a.maxNewTokens, eosIds,
         sampling: { temperature: a.temperature, posteriorThreshold: a.posteriorThreshold, posteriorAlpha: a.posteriorAlpha, seed: streamSeed(a.seed, i), baseToken: a.baseToken },
       });
@@ -164,7 +166,7 @@ async function medusaReport(a: GenerateArgs, dir: string, decoder: Decoder, conf
     const secs = (performance.now() - t0) / 1000;
     const newTokens = outputs.reduce((x, o) => x + o.tokens.length, 0);
     return {
-      model: dir, backend: `${backbone.kind === 'onnx' ? 'onnx' : currentBackend().name} (Medusa)`, outputs,
+      model: dir, backend: `${backbone.kind === 'onnx' ? 'onnx' : currentBackend().name} (Medusa, heads on ${proposer!.kind})`, outputs,
       promptTokens: promptIds.reduce((x, p) => x + p.length, 0), newTokens,
       prefillTokensPerSecond: NaN, decodeTokensPerSecond: newTokens / Math.max(secs, 1e-9), loadMs,
       medusa: {
@@ -176,7 +178,7 @@ async function medusaReport(a: GenerateArgs, dir: string, decoder: Decoder, conf
       },
     };
   } finally {
-    proposer.dispose();
+    proposer?.dispose();
     disposeHeads(heads);
   }
 }

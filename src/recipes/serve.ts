@@ -18,7 +18,7 @@ import { medusaEngine } from '../serve/medusa-engine.js';
 import { disposeHeads, type MedusaHeads } from '../model/heads.js';
 import { headsOnTfjs, openHeadsSource } from '../eval/heads-source.js';
 import { TYPICAL_DEFAULTS } from '../eval/acceptance.js';
-import { tfjsProposer } from '../engines/heads-proposer.js';
+import { chooseProposer, type HeadsProposer } from '../engines/heads-proposer.js';
 
 export interface ServeArgs {
   model?: string;
@@ -54,7 +54,10 @@ export async function runServe(a: ServeArgs): Promise<ServeHandle> {
   const t0 = performance.now();
   const { decoder, report, folder } = loadDecoder(dir);
   let heads: MedusaHeads | null = null;
+  let proposer: HeadsProposer | null = null;
   const freeHeads = (): void => {
+    proposer?.dispose();
+    proposer = null;
     if (heads) disposeHeads(heads);
     heads = null;
   };
@@ -76,11 +79,13 @@ export async function runServe(a: ServeArgs): Promise<ServeHandle> {
         heads = headsOnTfjs(src, decoder);
         const posteriorThreshold = a.posteriorThreshold ?? TYPICAL_DEFAULTS.posteriorThreshold;
         const posteriorAlpha = a.posteriorAlpha ?? TYPICAL_DEFAULTS.posteriorAlpha;
-        engine = medusaEngine({ backbone, proposer: tfjsProposer(heads), choices: src.choices, topk: src.topk, posteriorThreshold, posteriorAlpha, log: a.log });
+        // The heads run where the backbone runs: onnxruntime with the onnx backbone (tfjs if it cannot load), else tfjs.
+        proposer = await chooseProposer(backbone.kind === 'onnx' ? 'auto' : 'tfjs', heads, { log: a.log });
+        engine = medusaEngine({ backbone, proposer, choices: src.choices, topk: src.topk, posteriorThreshold, posteriorAlpha, log: a.log });
         if (maxBatch > 1) a.log(`--max-batch ${maxBatch} does not apply with --medusa: requests are decoded one at a time (batch 1); the others wait in the queue (--max-queue)`);
         maxBatch = 1;
         medusa = { heads: src.describe, num_heads: src.shape.numHeads, tree_nodes: src.choices.length, posterior_threshold: posteriorThreshold, posterior_alpha: posteriorAlpha };
-        a.log(`medusa: ${src.describe}, ${src.choices.length}-node tree${src.choicesFile ? ` from ${src.choicesFile}` : ' (chain)'}; greedy at temperature 0, typical acceptance (eps ${posteriorThreshold}, delta ${posteriorAlpha}) above`);
+        a.log(`medusa: ${src.describe} (heads on ${proposer.kind}), ${src.choices.length}-node tree${src.choicesFile ? ` from ${src.choicesFile}` : ' (chain)'}; greedy at temperature 0, typical acceptance (eps ${posteriorThreshold}, delta ${posteriorAlpha}) above`);
       }
       server = await startServer({
         decoder, tokenizer, modelName, host: a.host, port: a.port,
