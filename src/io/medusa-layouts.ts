@@ -21,6 +21,7 @@ import * as path from 'node:path';
 import { MedusaError } from '../errors.js';
 import { readJsonFile } from './json.js';
 import { readHeader, readTensorF32, type DType, type TensorInfo } from './safetensors.js';
+import { isFile } from './paths.js';
 
 export type HeadsLayout = 'medusa' | 'medusa-v2' | 'vllm';
 export const HEADS_LAYOUTS: readonly HeadsLayout[] = ['medusa', 'medusa-v2', 'vllm'];
@@ -263,14 +264,6 @@ export interface HeadsFolder {
   weightsFile: string;
   /** Things that load but deserve a word (e.g. biases vLLM would ignore). */
   warnings: string[];
-}
-
-function isFile(p: string): boolean {
-  try {
-    return fs.statSync(p).isFile();
-  } catch {
-    return false;
-  }
 }
 
 function readConfigObject(file: string): Record<string, unknown> {

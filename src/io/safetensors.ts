@@ -16,6 +16,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { writeFileAtomic } from './atomic.js';
 import { MedusaError, describe } from '../errors.js';
+import { isFile, isDir } from './paths.js';
 
 export type DType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U8' | 'BOOL';
 
@@ -756,28 +757,12 @@ export function writeSafetensors(
 const INDEX_NAME = 'model.safetensors.index.json';
 const SINGLE_NAME = 'model.safetensors';
 
-function isDirectory(p: string): boolean {
-  try {
-    return fs.statSync(p).isDirectory();
-  } catch {
-    return false;
-  }
-}
-
-function isFile(p: string): boolean {
-  try {
-    return fs.statSync(p).isFile();
-  } catch {
-    return false;
-  }
-}
-
 /**
  * Open a model folder: `model.safetensors.index.json` plus its shards if present, else
  * `model.safetensors`. Reads only headers. Checks that the index and the shards agree exactly.
  */
 export function openSafetensorsFolder(dir: string, limits?: Partial<SafetensorsLimits>): ShardedModel {
-  if (!isDirectory(dir)) throw ioErr(`model folder ${dir} does not exist or is not a directory; check the path`);
+  if (!isDir(dir)) throw ioErr(`model folder ${dir} does not exist or is not a directory; check the path`);
   const indexPath = path.join(dir, INDEX_NAME);
   const singlePath = path.join(dir, SINGLE_NAME);
 

@@ -10,7 +10,6 @@
  * hidden states; only then is the folder renamed into place (an existing one, with `force`, is
  * replaced at that moment). A failure at any point leaves no folder under `out`'s name.
  */
-import { TREE_LIMITS, validateChoices, type MedusaChoices } from '../eval/tree.js';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { MedusaError, describe, fail } from '../errors.js';
@@ -46,15 +45,15 @@ import {
   type RefShape,
 } from '../io/medusa-layouts.js';
 import { Rng } from '../model/sampling.js';
-import { HEADS_FILE, STATE_FILE, latestCheckpoint, loadCheckpoint } from '../train/checkpoint.js';
+import { STATE_FILE } from '../train/checkpoint.js';
 import { VERSION } from '../version.js';
+import { isFile } from '../io/paths.js';
+import { CHOICES_FILE, checkChoicesFile, findChoices, openSource, shapeText, type Source, type SourceKind } from '../eval/heads-source.js';
 
 export type ExportFormat = 'medusa' | 'medusa-v2' | 'vllm' | 'onnx' | 'hf';
 export const EXPORT_FORMATS: readonly ExportFormat[] = ['medusa', 'medusa-v2', 'vllm', 'onnx', 'hf'];
 export type ExportDtype = 'f32' | 'f16' | 'bf16';
 export const EXPORT_DTYPES: readonly ExportDtype[] = ['f32', 'f16', 'bf16'];
-export type SourceKind = 'checkpoint' | HeadsLayout;
-
 export interface ExportArgs {
   /** A run folder (its latest checkpoint), a checkpoint folder `step-N`, or a heads folder in the medusa / medusa-v2 / vllm layout (import). */
   run: string;
@@ -124,180 +123,6 @@ const ONNX_BATCH = 2;
 
 function usage(message: string): never {
   fail('E_USAGE', message);
-}
-
-function isFile(p: string): boolean {
-  try {
-    return fs.statSync(p).isFile();
-  } catch {
-    return false;
-  }
-}
-
-function isDir(p: string): boolean {
-  try {
-    return fs.statSync(p).isDirectory();
-  } catch {
-    return false;
-  }
-}
-
-function shapeText(s: RefShape): string {
-  return `${s.numHeads} heads x ${s.numLayers} layer(s), hidden ${s.hiddenSize}, vocabulary ${s.vocabSize}, lm_head ${s.lmHead}`;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Sources
-// ---------------------------------------------------------------------------------------------
-
-export interface Source {
-  kind: SourceKind;
-  /** The folder read (a checkpoint folder or a heads folder). */
-  dir: string;
-  /** What `out` must not contain (the run folder, or the heads folder). */
-  protect: string;
-  heads: Record<string, HostF32>;
-  shape: RefShape;
-  /** The lm_head mode the heads were trained with, when known. */
-  trainedLmHead: LmHeadMode | null;
-  recipe: string;
-  /** Base model folder candidate, and the name the export records. */
-  basePath: string | null;
-  baseName: string | null;
-  baseSha: string | null;
-  /** The source tensors' dtype (heads folders), when they share one. */
-  dtype: DType | null;
-  warnings: string[];
-  describe: string;
-}
-
-function stateInt(hs: Record<string, unknown>, key: string, file: string): number {
-  const v = hs[key];
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) fail('E_CONFIG', `${file}: state.heads_shape.${key} must be a positive integer, got ${JSON.stringify(v) ?? 'nothing'}; the checkpoint was not written by this medusa-train`);
-  return v;
-}
-
-/** The recipe of a checkpoint: state.recipe, else the run folder's config.yaml, else medusa1 (the only recipe that writes heads-only checkpoints). */
-function checkpointRecipe(state: Record<string, unknown>, ckDir: string): string {
-  if (typeof state['recipe'] === 'string') return state['recipe'];
-  const yaml = path.join(path.dirname(path.dirname(ckDir)), 'config.yaml');
-  try {
-    const m = /^recipe:\s*["']?([A-Za-z0-9_-]+)/m.exec(fs.readFileSync(yaml, 'utf8'));
-    if (m) return m[1];
-  } catch {
-    /* no run config beside the checkpoint */
-  }
-  return 'medusa1';
-}
-
-/** The calibrated candidate tree written by `medusa-train eval`, shipped beside the heads (runtimes take it as medusa_choices). */
-export const CHOICES_FILE = 'medusa_choices.json';
-
-/** The tree of the run a checkpoint belongs to (<run>/medusa_choices.json), or of an imported heads folder. */
-export function findChoices(src: Source): { file: string; choices: MedusaChoices } | null {
-  const candidates = src.kind === 'checkpoint'
-    ? [path.join(src.protect, CHOICES_FILE), path.join(src.dir, '..', '..', CHOICES_FILE)]
-    : [path.join(src.dir, CHOICES_FILE)];
-  for (const file of candidates) {
-    if (!fs.existsSync(file)) continue;
-    const choices = readJsonFile(file) as MedusaChoices;
-    validateChoices(choices, { numHeads: src.shape.numHeads, topk: TREE_LIMITS.maxRank, where: file });
-    return { file, choices };
-  }
-  return null;
-}
-
-function checkChoicesFile(dir: string, files: string[], numHeads: number): void {
-  if (!files.includes(CHOICES_FILE)) return;
-  const file = path.join(dir, CHOICES_FILE);
-  validateChoices(readJsonFile(file) as MedusaChoices, { numHeads, topk: TREE_LIMITS.maxRank, where: file });
-}
-
-function openCheckpoint(ckDir: string, runDir: string | null): Source {
-  const c = loadCheckpoint(ckDir);
-  const stateFile = path.join(ckDir, STATE_FILE);
-  const st = c.state;
-  const hs = st['heads_shape'];
-  if (typeof hs !== 'object' || hs === null || Array.isArray(hs)) fail('E_CONFIG', `${stateFile}: state.heads_shape is missing; the checkpoint was not written by a medusa-train that can export it`);
-  const h = hs as Record<string, unknown>;
-  const lm = h['lm_head'];
-  if (lm !== 'per_head' && lm !== 'shared') fail('E_CONFIG', `${stateFile}: state.heads_shape.lm_head must be "per_head" or "shared", got ${JSON.stringify(lm) ?? 'nothing'}`);
-  const shape: RefShape = {
-    numHeads: stateInt(h, 'num_heads', stateFile),
-    numLayers: stateInt(h, 'num_layers', stateFile),
-    hiddenSize: stateInt(h, 'hidden_size', stateFile),
-    vocabSize: stateInt(h, 'vocab_size', stateFile),
-    lmHead: lm,
-  };
-  const sha = st['base_model_config_sha256'];
-  if (typeof sha !== 'string' || !/^[0-9a-f]{64}$/.test(sha)) fail('E_CONFIG', `${stateFile}: state.base_model_config_sha256 must be a sha256 hex string, got ${JSON.stringify(sha) ?? 'nothing'}`);
-  const bp = st['base_model_path'];
-  if (bp !== undefined && (typeof bp !== 'string' || bp === '')) fail('E_CONFIG', `${stateFile}: state.base_model_path must be a folder path, got ${JSON.stringify(bp)}`);
-
-  // The heads file against the reference table, by count and shape.
-  const table = referenceTable(shape);
-  const problems: string[] = [];
-  for (const row of table) {
-    const t = c.heads[row.name];
-    if (!t) problems.push(`tensor "${row.name}" [${row.shape.join(', ')}] is missing`);
-    else if (t.shape.join(',') !== row.shape.join(',')) problems.push(`tensor "${row.name}" is [${t.shape.join(', ')}], expected [${row.shape.join(', ')}]`);
-  }
-  const known = new Set(table.map((r) => r.name));
-  for (const name of Object.keys(c.heads)) if (!known.has(name)) problems.push(`unexpected tensor "${name}"`);
-  if (problems.length > 0) fail('E_MODEL', `${path.join(ckDir, HEADS_FILE)} does not hold the heads state.json describes (${shapeText(shape)}):\n  - ${problems.join('\n  - ')}`);
-
-  return {
-    kind: 'checkpoint',
-    dir: ckDir,
-    protect: runDir ?? ckDir,
-    heads: c.heads,
-    shape,
-    trainedLmHead: shape.lmHead,
-    recipe: checkpointRecipe(st, ckDir),
-    basePath: typeof bp === 'string' ? bp : null,
-    baseName: typeof bp === 'string' ? bp : null,
-    baseSha: sha,
-    dtype: null,
-    warnings: [],
-    describe: `checkpoint ${ckDir} (step ${c.step})`,
-  };
-}
-
-export function openSource(run: string): Source {
-  const abs = path.resolve(run);
-  if (!isDir(abs)) fail('E_IO', `${abs} does not exist or is not a folder; pass a run folder, a checkpoint folder (checkpoints/step-N) or a heads folder`);
-  if (isFile(path.join(abs, STATE_FILE))) {
-    const parent = path.dirname(abs);
-    return openCheckpoint(abs, path.basename(parent) === 'checkpoints' ? path.dirname(parent) : null);
-  }
-  if (isDir(path.join(abs, 'checkpoints'))) {
-    const latest = latestCheckpoint(abs);
-    if (latest === null) fail('E_IO', `${path.join(abs, 'checkpoints')} holds no complete checkpoint (step-N with heads.safetensors, optimizer.safetensors and state.json); train first`);
-    return openCheckpoint(latest, abs);
-  }
-  if (isFile(path.join(abs, LAYOUT_WEIGHTS_FILE.medusa)) || isFile(path.join(abs, LAYOUT_WEIGHTS_FILE.vllm)) || isFile(path.join(abs, 'medusa_lm_head.pt'))) {
-    const f = readLayoutFolder(abs);
-    const baseIsLocal = f.baseModel !== null && isFile(path.join(path.resolve(f.baseModel), CONFIG_FILE));
-    return {
-      kind: f.kind,
-      dir: abs,
-      protect: abs,
-      heads: f.heads,
-      shape: f.shape,
-      trainedLmHead: f.trainedLmHead,
-      recipe: 'medusa1',
-      basePath: baseIsLocal ? path.resolve(f.baseModel!) : null,
-      baseName: f.baseModel,
-      baseSha: f.baseModelConfigSha256,
-      dtype: f.dtype,
-      warnings: f.warnings,
-      describe: `${f.kind} folder ${abs}`,
-    };
-  }
-  fail(
-    'E_IO',
-    `${abs} is not a run folder (no checkpoints/), not a checkpoint folder (no state.json) and not a heads folder (no ${LAYOUT_WEIGHTS_FILE.medusa} or ${LAYOUT_WEIGHTS_FILE.vllm}); check the path`,
-  );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import * as path from 'node:path';
 import { MedusaError, describe } from '../errors.js';
 import { fsyncDir, writeFileAtomic } from '../io/atomic.js';
 import { readHeader, readTensor, writeSafetensors, type WriteTensor } from '../io/safetensors.js';
+import { isFile } from '../io/paths.js';
 
 export interface CheckpointTensor {
   shape: number[];
@@ -114,14 +115,6 @@ function cleanTemps(ckDir: string, names: string[]): void {
     } catch {
       /* try again next time */
     }
-  }
-}
-
-function isFile(p: string): boolean {
-  try {
-    return fs.statSync(p).isFile();
-  } catch {
-    return false;
   }
 }
 
