@@ -82,7 +82,7 @@ export async function runServe(a: ServeArgs): Promise<ServeHandle> {
         // The heads run where the backbone runs: onnxruntime with the onnx backbone (tfjs if it cannot load), else tfjs.
         proposer = await chooseProposer(backbone.kind === 'onnx' ? 'auto' : 'tfjs', heads, { log: a.log });
         engine = medusaEngine({ backbone, proposer, choices: src.choices, topk: src.topk, posteriorThreshold, posteriorAlpha, log: a.log });
-        if (maxBatch > 1) a.log(`--max-batch ${maxBatch} does not apply with --medusa: requests are decoded one at a time (batch 1); the others wait in the queue (--max-queue)`);
+        a.log('with --medusa, requests are decoded one at a time (batch 1; --max-batch does not apply); the others wait in the queue (--max-queue)');
         maxBatch = 1;
         medusa = { heads: src.describe, num_heads: src.shape.numHeads, tree_nodes: src.choices.length, posterior_threshold: posteriorThreshold, posterior_alpha: posteriorAlpha };
         a.log(`medusa: ${src.describe} (heads on ${proposer.kind}), ${src.choices.length}-node tree${src.choicesFile ? ` from ${src.choicesFile}` : ' (chain)'}; greedy at temperature 0, typical acceptance (eps ${posteriorThreshold}, delta ${posteriorAlpha}) above`);
