@@ -12,7 +12,7 @@ import * as tf from '@tensorflow/tfjs';
 import { fail } from '../errors.js';
 import { exportHeads, type MedusaHeads } from '../model/heads.js';
 import { buildOnnxHeadsProposer, ONNX_HEADS_LAYOUT, ONNX_HEADS_TOPK } from '../io/onnx-heads.js';
-import { createSession, DISABLE_ORT_ENV, disabledByEnv, ortThreads, probeOrt } from './ort.js';
+import { createSession, DISABLE_ORT_ENV, disabledByEnv, probeOrt } from './ort.js';
 
 export type HeadsProposerKind = 'tfjs' | 'onnx';
 
@@ -84,7 +84,10 @@ function transposeLmHead(t: tf.Tensor2D): Float32Array {
 }
 
 export interface OnnxProposerOptions {
-  /** onnxruntime intra-op threads; default os.cpus().length. */
+  /**
+   * onnxruntime intra-op threads; default 1: one hidden state is too little work to split, and a second
+   * spinning thread pool beside the backbone's slowed the backbone's forwards (bench/medusa.ts).
+   */
   threads?: number;
 }
 
@@ -105,7 +108,9 @@ export async function onnxProposer(heads: MedusaHeads, o: OnnxProposerOptions = 
     heads: exportHeads(heads), shape: { numHeads: K, numLayers: s.numLayers, hiddenSize: d, vocabSize: V },
     sharedLmHead: s.lmHead === 'shared' ? transposeLmHead(heads.baseLmHead) : undefined,
   });
-  let session: Awaited<ReturnType<typeof createSession>> | null = await createSession(ort, bytes, ortThreads(o.threads), `heads proposer graph (${K} heads, ${bytes.length} bytes)`);
+  const threads = o.threads ?? 1;
+  if (!Number.isInteger(threads) || threads < 1) fail('E_USAGE', `onnx heads proposer threads must be a positive integer, got ${threads}`);
+  let session: Awaited<ReturnType<typeof createSession>> | null = await createSession(ort, bytes, threads, `heads proposer graph (${K} heads, ${bytes.length} bytes)`);
   return {
     kind: 'onnx',
     numHeads: K,
