@@ -302,6 +302,15 @@ describe('tree host inputs cached per tree (onnx engine)', () => {
       checked++;
     }
     expect(checked).toBe(24);
+    // Positions past max_position_embeddings: no RoPE table that large, the same inputs all the same.
+    const far = c.maxPositionEmbeddings + 5;
+    const tree = trees[0];
+    const book: CacheBook = { length: 3, keyPos: [[far - 3, far - 2, far - 1]], nextPos: [far] };
+    const treeMask = { mask: tree.attentionMask, positions: Int32Array.from(tree.positionOffsets, (o) => far + o) };
+    const want = hostInputs(c, model.invFreq, book, 1, tree.nodes, undefined, treeMask);
+    const got = cache.inputs(book, treeMask);
+    expect(Array.from(got.bias)).toEqual(Array.from(want.bias));
+    expect(Array.from(got.cos)).toEqual(Array.from(want.cos));
     disposeWeights(model.weights);
   });
 });

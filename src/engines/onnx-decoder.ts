@@ -300,6 +300,8 @@ export class TreeInputCache {
       minPos = Math.min(minPos, pos[t]);
       maxPos = Math.max(maxPos, pos[t]);
     }
+    // Positions past the model's range: no table that large (the reference builder handles them as it does).
+    if (maxPos >= c.maxPositionEmbeddings) return hostInputs(c, this.invFreq, book, 1, T, undefined, tree);
     // The block among the new tokens depends only on the mask and the positions relative to the root.
     let hit = this.blocks.get(tree.mask);
     if (!hit || hit.rel.length !== T || hit.rel.some((r, t) => r !== pos[t] - pos[0])) {
