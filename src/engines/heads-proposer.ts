@@ -9,7 +9,7 @@
  *   [numHeads, topk] ids come back to JS. onnxruntime is loaded lazily (tfjs-only runs never load it).
  */
 import * as tf from '@tensorflow/tfjs';
-import { fail } from '../errors.js';
+import { describe, fail } from '../errors.js';
 import { exportHeads, type MedusaHeads } from '../model/heads.js';
 import { buildOnnxHeadsProposer, ONNX_HEADS_LAYOUT, ONNX_HEADS_TOPK } from '../io/onnx-heads.js';
 import { createSession, DISABLE_ORT_ENV, disabledByEnv, probeOrt } from './ort.js';
@@ -104,12 +104,12 @@ export async function onnxProposer(heads: MedusaHeads, o: OnnxProposerOptions = 
   const d = s.hiddenSize;
   const V = s.vocabSize;
   const K = s.numHeads;
+  const threads = o.threads ?? 1;
+  if (!Number.isInteger(threads) || threads < 1) fail('E_USAGE', `onnx heads proposer threads must be a positive integer, got ${threads}`);
   const bytes = buildOnnxHeadsProposer({
     heads: exportHeads(heads), shape: { numHeads: K, numLayers: s.numLayers, hiddenSize: d, vocabSize: V },
     sharedLmHead: s.lmHead === 'shared' ? transposeLmHead(heads.baseLmHead) : undefined,
   });
-  const threads = o.threads ?? 1;
-  if (!Number.isInteger(threads) || threads < 1) fail('E_USAGE', `onnx heads proposer threads must be a positive integer, got ${threads}`);
   let session: Awaited<ReturnType<typeof createSession>> | null = await createSession(ort, bytes, threads, `heads proposer graph (${K} heads, ${bytes.length} bytes)`);
   return {
     kind: 'onnx',
@@ -119,10 +119,15 @@ export async function onnxProposer(heads: MedusaHeads, o: OnnxProposerOptions = 
     propose: async (hidden, topk) => {
       if (!session) fail('E_INTERNAL', 'propose() on a disposed onnx heads proposer');
       checkProposeArgs('onnx', d, V, hidden, topk);
-      const out = await session.run({
-        [ONNX_HEADS_LAYOUT.input]: new ort.Tensor('float32', hidden, [1, 1, d]), // [B=1, T=1, d]
-        [ONNX_HEADS_TOPK.k]: new ort.Tensor('int64', BigInt64Array.of(BigInt(topk)), [1]),
-      }, [ONNX_HEADS_TOPK.indices]);
+      let out: Awaited<ReturnType<typeof session.run>>;
+      try {
+        out = await session.run({
+          [ONNX_HEADS_LAYOUT.input]: new ort.Tensor('float32', hidden, [1, 1, d]), // [B=1, T=1, d]
+          [ONNX_HEADS_TOPK.k]: new ort.Tensor('int64', BigInt64Array.of(BigInt(topk)), [1]),
+        }, [ONNX_HEADS_TOPK.indices]);
+      } catch (e) {
+        fail('E_ENGINE', `onnxruntime failed in the heads proposer (${K} heads, top-${topk}): ${describe(e).split('\n')[0]}`, e);
+      }
       const ids = out[ONNX_HEADS_TOPK.indices].data as BigInt64Array; // [K, 1, 1, topk]
       if (ids.length !== K * topk) fail('E_ENGINE', `onnx heads proposer returned ${ids.length} ids, expected ${K} heads x ${topk}`);
       return Array.from({ length: K }, (_, k) => Array.from(ids.subarray(k * topk, (k + 1) * topk), Number));
