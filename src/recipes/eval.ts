@@ -27,7 +27,7 @@ import { TOPK_REPORTED } from '../train/heads-loss.js';
 import { disposeHeads, importHeads, initHeads } from '../model/heads.js';
 import { generateOn } from '../engines/backbone-generate.js';
 import { medusaGenerateGreedyOn } from '../eval/medusa-decode.js';
-import { tfjsProposer, type HeadsProposer } from '../engines/heads-proposer.js';
+import { chooseProposer, type HeadsProposer } from '../engines/heads-proposer.js';
 import type { Backbone } from '../engines/decoder-engine.js';
 import { measureLiveAccuracy, type LiveAccuracy } from '../eval/live-accuracy.js';
 import { encodeChat } from '../data/chat.js';
@@ -147,13 +147,16 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
     json(choicesFile, chosen.choices);
     // --- the heads at decoding time, for --speed and --live ---
     let proposerMade: HeadsProposer | null = null;
-    const proposer = (): HeadsProposer => {
+    const proposer = async (): Promise<HeadsProposer> => {
       if (proposerMade) return proposerMade;
       const heads = initHeads({ numHeads: K, numLayers: c.heads.num_layers, hiddenSize: d, vocabSize: V, lmHead: c.heads.lm_head }, decoder.weights.lmHead, 0);
       cleanup.push(() => disposeHeads(heads));
       importHeads(heads, ck.heads, ckDir);
-      proposerMade = tfjsProposer(heads);
-      return proposerMade;
+      // the heads run where the backbone runs (onnxruntime with the onnx backbone), as in generate/serve --medusa
+      const made = await chooseProposer(backbone.kind === 'onnx' ? 'auto' : 'tfjs', heads, { log: a.log });
+      cleanup.push(() => made.dispose());
+      proposerMade = made;
+      return made;
     };
     const eosIds = [...new Set([...decoder.config.eosTokenIds, ...tokenizer.eosIds])];
     const newTokens = a.speedNewTokens ?? 64;
@@ -174,7 +177,7 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
         prompts = heldOutPrompts(a.livePrompts!);
         source = 'held-out conversations (up to the first generated token)';
       }
-      const r = await measureLiveAccuracy(backbone, proposer(), prompts, { newTokens, eosIds, padId, topk: TOPK_REPORTED });
+      const r = await measureLiveAccuracy(backbone, await proposer(), prompts, { newTokens, eosIds, padId, topk: TOPK_REPORTED });
       const file = path.join(evalDir, 'live-accuracy.json');
       live = { ...r, engine: backbone.kind, source, file };
       json(file, { checkpoint: ckDir, engine: backbone.kind, source, prompts: r.prompts, new_tokens_per_prompt: r.newTokensPerPrompt, generated_tokens: r.generatedTokens, base_agreement: r.baseAgreement, heads: r.heads, per_rank: r.perRank });
@@ -202,7 +205,7 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
       for (const t of curve) {
         const topk = Math.max(...t.choices.flat()) + 1; // the heads' top-k this tree needs (as generate --medusa)
         // warm-up of this tree's shapes (engine kernel caches) before timing it
-        await medusaGenerateGreedyOn(backbone, proposer(), prompts[0], { choices: t.choices, topk, maxNewTokens: 4, eosIds });
+        await medusaGenerateGreedyOn(backbone, await proposer(), prompts[0], { choices: t.choices, topk, maxNewTokens: 4, eosIds });
         const t1 = performance.now();
         let steps = 0;
         let tokens = 0;
@@ -210,7 +213,7 @@ export async function runEval(a: EvalArgs): Promise<EvalReport> {
         let prefillMs = 0;
         for (const [i, p] of prompts.entries()) {
           fwdMs.length = 0;
-          const r = await medusaGenerateGreedyOn(timed, proposer(), p, { choices: t.choices, topk, maxNewTokens: newTokens, eosIds });
+          const r = await medusaGenerateGreedyOn(timed, await proposer(), p, { choices: t.choices, topk, maxNewTokens: newTokens, eosIds });
           prefillMs += fwdMs[0]; // the first forward of a Medusa run is the prompt's prefill
           steps += r.steps;
           tokens += r.tokens.length;
