@@ -3,7 +3,7 @@
  * as token ids for scripts/build_structured_model.py, the tokenizer files of the model, and the
  * held-out prompt file.
  *
- *   node dist/scripts/structured-corpus.js --out .scratch/structured-corpus [--count 24000] [--prompts data/prompts/structured.jsonl]
+ *   node dist/scripts/structured-corpus.js --out .scratch/structured-corpus [--count 30000] [--prompts data/prompts/structured.jsonl]
  *
  * Output folder:
  *   tokenizer/            tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json
@@ -31,7 +31,7 @@ function arg(name: string, fallback: string): string {
 }
 
 const out = arg('out', '.scratch/structured-corpus');
-const countText = arg('count', '24000');
+const countText = arg('count', '30000');
 const count = Number(countText);
 if (!Number.isInteger(count) || count < 100) fail('E_USAGE', `--count ${countText}: expected an integer >= 100.`);
 const promptsFile = arg('prompts', 'data/prompts/structured.jsonl');
