@@ -132,46 +132,120 @@ const logShape = {
   every: field(int(1).default(1), 'an integer >= 1', 'steps between metrics lines'),
 };
 
-/** Keys of each section, in the order they are written. */
-const SECTION_SHAPES = {
-  run: runShape,
-  model: modelShape,
-  data: dataShape,
-  heads: headsShape,
-  loss: lossShape,
-  train: trainShape,
-  checkpoint: checkpointShape,
-  eval: evalShape,
-  log: logShape,
-} as const;
+// MEDUSA-2 only: the loss keys it adds, and its own section.
 
-const SECTION_DOCS: Record<keyof typeof SECTION_SHAPES, string> = {
+/** Linear layers LoRA can adapt (PEFT module names). */
+export const LORA_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj', 'lm_head'] as const;
+export type LoraTarget = (typeof LORA_TARGETS)[number];
+
+const loss2Shape = {
+  ...lossShape,
+  heads_coefficient: field(
+    z.number().gt(0).max(100).default(0.2),
+    'a number in (0, 100]',
+    'lambda_0: multiplier of the summed heads loss, times heads_schedule at each step (0.2 = the paper\'s two-stage value; about 0.01 with self-distillation from scratch)',
+  ),
+  lm_loss: enumOf(['kd', 'ce'], 'kd', "the backbone's LM term: kd = KL(teacher || student) at each assistant position (self-distillation); ce = hard-label cross-entropy"),
+  teacher: enumOf(
+    ['topk', 'frozen'],
+    'topk',
+    "kd teacher: topk = the teacher's top-k log-probabilities stored by `distill --teacher-topk`; frozen = a frozen copy of the original model run during training",
+  ),
+  heads_schedule: enumOf(['constant', 'linear', 'sine', 'sine_warmup'], 'sine', 'ramp of the heads term over training: lambda_0 x schedule(step) (sine_warmup rises over the first heads_schedule_fraction of the steps)'),
+  heads_schedule_fraction: field(z.number().gt(0).max(1).default(0.3), 'a number in (0, 1]', 'r: for sine_warmup, the fraction of the steps over which the heads term rises'),
+};
+
+/** A named sub-section (its keys, documented like a top-level section's). */
+interface SectionInfo {
+  shape: Record<string, z.ZodType>;
+  doc: string;
+}
+const sectionInfo = new Map<z.ZodType, SectionInfo>();
+
+function section<S extends Record<string, z.ZodType>>(shape: S, doc: string) {
+  const s = z.strictObject(shape).prefault({} as never);
+  sectionInfo.set(s, { shape, doc });
+  return s;
+}
+
+const loraShape = {
+  rank: field(int(1, 4096).default(8), 'an integer in [1, 4096]', 'LoRA rank r'),
+  alpha: field(z.number().gt(0).max(1_000_000).default(16), 'a number in (0, 1000000]', 'LoRA alpha: the adapter is scaled by alpha / rank'),
+  dropout: field(z.number().min(0).lt(1).default(0), 'a number in [0, 1)', "dropout on the adapter's input (training only)"),
+  targets: field(
+    z
+      .array(z.enum(LORA_TARGETS))
+      .min(1)
+      .prefault(['q_proj', 'k_proj', 'v_proj', 'o_proj'])
+      .refine((t) => new Set(t).size === t.length, { message: 'duplicate' }),
+    `a non-empty list of distinct names from ${LORA_TARGETS.join(', ')}`,
+    'linear layers that get an adapter (in every decoder layer; lm_head once)',
+  ),
+};
+
+const backboneShape = {
+  mode: enumOf(['lora', 'full'], 'lora', 'lora = train low-rank adapters on the targets (saved apart, merged on export); full = train the last full_last_layers decoder layers and the final norm'),
+  lora: section(loraShape, 'mode lora: the adapters (PEFT layout)'),
+  full_last_layers: field(int(1, 1024).default(1), 'an integer in [1, 1024]', 'mode full: train the last N decoder layers and the final norm'),
+  train_embeddings: bool(false, 'also train the token embeddings (both modes; costs vocabulary x hidden parameters of optimizer state)'),
+};
+
+const gateShape = {
+  action: enumOf(['fail', 'warn'], 'fail', 'when a threshold is crossed: fail = the run ends with E_GATE; warn = a warning in the log and the summary'),
+  max_kl: field(z.number().gt(0).default(0.05), 'a number > 0', 'largest mean KL(original || tuned) per assistant token, in nats'),
+  min_agreement: field(z.number().min(0).max(1).default(0.9), 'a number in [0, 1]', "smallest greedy next-token agreement with the original model"),
+  max_ppl_ratio: field(z.number().min(1).default(1.1), 'a number >= 1', 'largest tuned / original perplexity on the assistant tokens of the eval split'),
+  max_positions: field(int(1).default(4096), 'an integer >= 1', 'assistant positions evaluated per gate check'),
+};
+
+const medusa2Shape = {
+  init_heads: field(
+    z.string().min(1).nullable().default(null),
+    'a folder path or null',
+    'start the heads from a MEDUSA-1 run folder, checkpoint or medusa/medusa-v2/vllm export; null = fresh heads',
+  ),
+  heads_warmup_steps: field(int(0).default(0), 'an integer >= 0', 'heads-only steps (backbone frozen) before the backbone unfreezes'),
+  backbone: section(backboneShape, 'how the backbone is trained'),
+  heads_lr_multiplier: field(z.number().gt(0).max(1000).default(4), 'a number in (0, 1000]', 'the heads learn at train.lr times this; the backbone at train.lr'),
+  gate: section(gateShape, 'base-quality gate: the tuned backbone against the original on the eval split'),
+};
+
+const recipeExpects = 'one of medusa1 | medusa2';
+const recipeDoc = 'training recipe: medusa1 = frozen backbone, train only the heads; medusa2 = train the backbone (LoRA or last layers) and the heads jointly';
+const recipeSchema = field(z.literal('medusa1').default('medusa1'), recipeExpects, recipeDoc);
+const recipe2Schema = field(z.literal('medusa2'), recipeExpects, recipeDoc);
+
+const SECTION_DOCS = {
   run: 'where the run is written',
-  model: 'the base model (frozen)',
+  model: 'the base model',
   data: 'training data',
   heads: 'Medusa heads',
   loss: 'training loss',
+  medusa2: 'MEDUSA-2: joint training of the backbone and the heads',
   train: 'optimizer and schedule',
   checkpoint: 'checkpoints in <run>/checkpoints',
   eval: 'evaluation on the held-out conversations',
   log: 'metrics in <run>/metrics.jsonl and on the terminal',
+} as const;
+
+const common = {
+  run: section(runShape, SECTION_DOCS.run),
+  model: section(modelShape, SECTION_DOCS.model),
+  data: section(dataShape, SECTION_DOCS.data),
+  heads: section(headsShape, SECTION_DOCS.heads),
+};
+const tail = {
+  train: section(trainShape, SECTION_DOCS.train),
+  checkpoint: section(checkpointShape, SECTION_DOCS.checkpoint),
+  eval: section(evalShape, SECTION_DOCS.eval),
+  log: section(logShape, SECTION_DOCS.log),
 };
 
-const recipeSchema = field(z.literal('medusa1').default('medusa1'), 'medusa1', 'training recipe: medusa1 = frozen backbone, train only the heads');
-
-/** The schema before derived values (run.name) are filled in. */
-const TrainConfigObject = z.strictObject({
-  recipe: recipeSchema,
-  run: z.strictObject(runShape).prefault({}),
-  model: z.strictObject(modelShape).prefault({}),
-  data: z.strictObject(dataShape).prefault({}),
-  heads: z.strictObject(headsShape).prefault({}),
-  loss: z.strictObject(lossShape).prefault({}),
-  train: z.strictObject(trainShape).prefault({}),
-  checkpoint: z.strictObject(checkpointShape).prefault({}),
-  eval: z.strictObject(evalShape).prefault({}),
-  log: z.strictObject(logShape).prefault({}),
-});
+/** The top-level keys of each recipe, in the order they are written. */
+const MEDUSA1_SHAPE = { recipe: recipeSchema, ...common, loss: section(lossShape, SECTION_DOCS.loss), ...tail };
+const MEDUSA2_SHAPE = { recipe: recipe2Schema, ...common, loss: section(loss2Shape, SECTION_DOCS.loss), medusa2: section(medusa2Shape, SECTION_DOCS.medusa2), ...tail };
+type Recipe = 'medusa1' | 'medusa2';
+const SHAPES: Record<Recipe, Record<string, z.ZodType>> = { medusa1: MEDUSA1_SHAPE, medusa2: MEDUSA2_SHAPE };
 
 /** The default run name: `<recipe>-<model folder basename>` (`<recipe>-tiny` for the embedded model). */
 export function defaultRunName(recipe: string, modelPath: string | null): string {
@@ -179,20 +253,41 @@ export function defaultRunName(recipe: string, modelPath: string | null): string
   return `${recipe}-${base || 'model'}`;
 }
 
-/** The strict schema of a training config: parses YAML values (snake_case keys) into a fully resolved config. */
-export const TrainConfigSchema = TrainConfigObject.transform((c) => ({
+const withRunName = <C extends { recipe: string; run: { name: string | null }; model: { path: string | null } }>(c: C) => ({
   ...c,
   run: { ...c.run, name: c.run.name ?? defaultRunName(c.recipe, c.model.path) },
-}));
+});
 
-/** A fully resolved training config: every default applied, `run.name` filled in, YAML key names. */
-export type TrainConfig = z.output<typeof TrainConfigSchema>;
+/** The strict schema of a MEDUSA-1 config (snake_case YAML keys) into a fully resolved config. */
+export const Medusa1ConfigSchema = z.strictObject(MEDUSA1_SHAPE).transform(withRunName);
+/** The strict schema of a MEDUSA-2 config: MEDUSA-1's keys, the loss keys of joint training, and the `medusa2` section. */
+export const Medusa2ConfigSchema = z.strictObject(MEDUSA2_SHAPE).transform(withRunName);
+/** Either recipe (loadTrainConfig picks the schema from the `recipe` key). */
+export const TrainConfigSchema = z.union([Medusa1ConfigSchema, Medusa2ConfigSchema]);
 
-/** Every key as a YAML path (`recipe`, `run.name`, ...), in file order. */
-export const CONFIG_KEYS: readonly string[] = [
-  'recipe',
-  ...Object.entries(SECTION_SHAPES).flatMap(([s, shape]) => Object.keys(shape).map((k) => `${s}.${k}`)),
-];
+/** A fully resolved MEDUSA-1 config: every default applied, `run.name` filled in, YAML key names. */
+export type Medusa1Config = z.output<typeof Medusa1ConfigSchema>;
+/** A fully resolved MEDUSA-2 config (`recipe: medusa2`). */
+export type Medusa2Config = z.output<typeof Medusa2ConfigSchema>;
+/** A fully resolved training config, narrowed by `config.recipe`. */
+export type TrainConfig = Medusa1Config | Medusa2Config;
+
+function keysOf(shape: Record<string, z.ZodType>, prefix: string): string[] {
+  return Object.entries(shape).flatMap(([k, s]) => {
+    const sub = sectionInfo.get(s);
+    return sub === undefined ? [`${prefix}${k}`] : keysOf(sub.shape, `${prefix}${k}.`);
+  });
+}
+
+/** Every key of a recipe's config as a YAML path (`recipe`, `run.name`, `medusa2.backbone.lora.rank`, ...), in file order. */
+export function configKeys(recipe: Recipe): readonly string[] {
+  return keysOf(SHAPES[recipe], '');
+}
+
+/** Every key of a MEDUSA-1 config (the keys every recipe has, except MEDUSA-2's additions) as a YAML path, in file order. */
+export const CONFIG_KEYS: readonly string[] = configKeys('medusa1');
+/** The keys only a MEDUSA-2 config has. */
+export const MEDUSA2_ONLY_KEYS: readonly string[] = configKeys('medusa2').filter((k) => !CONFIG_KEYS.includes(k));
 
 // ---------------------------------------------------------------------------------------------------
 // Problems
@@ -272,52 +367,71 @@ export function suggest(word: string, candidates: readonly string[]): string | n
   return best !== null && bestD <= limit ? best : null;
 }
 
-function allowedKeys(sectionPath: readonly PropertyKey[]): string[] | null {
-  if (sectionPath.length === 0) return ['recipe', ...Object.keys(SECTION_SHAPES)];
-  if (sectionPath.length === 1 && typeof sectionPath[0] === 'string' && Object.hasOwn(SECTION_SHAPES, sectionPath[0])) {
-    return Object.keys(SECTION_SHAPES[sectionPath[0] as keyof typeof SECTION_SHAPES]);
-  }
-  return null;
+/** The recipe a raw config asks for (anything but medusa2 is validated as medusa1, which reports a bad value). */
+function recipeOf(raw: Record<string, unknown>): Recipe {
+  return Object.hasOwn(raw, 'recipe') && raw['recipe'] === 'medusa2' ? 'medusa2' : 'medusa1';
 }
 
-function unknownKeyMessage(sectionPath: readonly PropertyKey[], key: string): string {
-  const allowed = allowedKeys(sectionPath) ?? [];
+/** What a path leads to in a recipe's keys: a section, a key holding a value (depth = its path length), or nothing. */
+type Resolved = { kind: 'section'; shape: Record<string, z.ZodType> } | { kind: 'leaf'; info: FieldInfo; depth: number } | null;
+
+function resolve(recipe: Recipe, p: readonly PropertyKey[]): Resolved {
+  let shape = SHAPES[recipe];
+  for (let i = 0; i < p.length; i++) {
+    const seg = p[i];
+    if (typeof seg !== 'string' || !Object.hasOwn(shape, seg)) return null;
+    const sub = sectionInfo.get(shape[seg]);
+    if (sub === undefined) {
+      const info = fieldInfo.get(shape[seg]);
+      return info === undefined ? null : { kind: 'leaf', info, depth: i + 1 };
+    }
+    shape = sub.shape;
+  }
+  return { kind: 'section', shape };
+}
+
+function allowedKeys(recipe: Recipe, sectionPath: readonly PropertyKey[]): string[] | null {
+  const r = resolve(recipe, sectionPath);
+  return r?.kind === 'section' ? Object.keys(r.shape) : null;
+}
+
+function unknownKeyMessage(recipe: Recipe, sectionPath: readonly PropertyKey[], key: string): string {
+  if (recipe === 'medusa1' && resolve('medusa2', [...sectionPath, key]) !== null) {
+    return 'only a recipe: medusa2 config has this key (MEDUSA-2 joint training); set recipe: medusa2, or remove it';
+  }
+  const allowed = allowedKeys(recipe, sectionPath) ?? [];
   const near = suggest(key, allowed);
   if (near !== null) return `unknown key; did you mean ${near}?`;
   // The right key in the wrong place: `lr:` at the top level, `num_heads` under train, ...
-  const elsewhere = CONFIG_KEYS.filter((k) => k.split('.').pop() === key || k === key);
+  const elsewhere = configKeys(recipe).filter((k) => k.split('.').pop() === key || k === key);
   if (elsewhere.length > 0) return `unknown key here; did you mean ${elsewhere.join(' or ')}?`;
   const where = sectionPath.length === 0 ? 'the top level' : fmtPath(sectionPath);
   return `unknown key; the keys of ${where} are ${allowed.join(', ')}`;
 }
 
-function infoAt(p: readonly PropertyKey[]): FieldInfo | undefined {
-  let schema: z.ZodType | undefined;
-  if (p[0] === 'recipe') schema = recipeSchema;
-  else if (p.length >= 2 && typeof p[0] === 'string' && Object.hasOwn(SECTION_SHAPES, p[0])) {
-    const shape = SECTION_SHAPES[p[0] as keyof typeof SECTION_SHAPES] as Record<string, z.ZodType>;
-    if (typeof p[1] === 'string' && Object.hasOwn(shape, p[1])) schema = shape[p[1]];
-  }
-  return schema === undefined ? undefined : fieldInfo.get(schema);
+function infoAt(recipe: Recipe, p: readonly PropertyKey[]): FieldInfo | undefined {
+  const r = resolve(recipe, p);
+  return r?.kind === 'leaf' ? r.info : undefined;
 }
 
-function fieldPathOf(p: readonly PropertyKey[]): PropertyKey[] {
-  return p[0] === 'recipe' ? ['recipe'] : p.slice(0, 2);
+function fieldPathOf(recipe: Recipe, p: readonly PropertyKey[]): PropertyKey[] {
+  const r = resolve(recipe, p);
+  return r?.kind === 'leaf' ? p.slice(0, r.depth) : [...p];
 }
 
 /** The user-facing problem for one zod issue at a value. */
-function issueMessage(issue: z.core.$ZodIssue, rawValue: unknown): string {
+function issueMessage(recipe: Recipe, issue: z.core.$ZodIssue, rawValue: unknown): string {
   const p = issue.path;
   // A missing list checked through its prefault ([]) has no raw value.
   const value = rawValue === undefined && issue.code === 'too_small' && issue.origin === 'array' ? [] : rawValue;
   const key = fmtPath(p);
-  if (key === 'recipe' && value === 'medusa2') return 'medusa2 is not available yet (issue: MEDUSA-2); use medusa1';
-  const info = infoAt(p);
-  const isSection = p.length === 1 && typeof p[0] === 'string' && Object.hasOwn(SECTION_SHAPES, p[0]);
+  const info = infoAt(recipe, p);
+  const isSection = p.length > 0 && resolve(recipe, p)?.kind === 'section';
   if (isSection) return `must be a section (a mapping of keys), got ${kindOf(value)}`;
   if (info === undefined) return issue.message;
-  const deeper = p.length > fieldPathOf(p).length;
-  const expected = deeper ? `${fmtPath(fieldPathOf(p))} must be ${info.expects}` : `expected ${info.expects}`;
+  const fieldPath = fieldPathOf(recipe, p);
+  const deeper = p.length > fieldPath.length;
+  const expected = deeper ? `${fmtPath(fieldPath)} must be ${info.expects}` : `expected ${info.expects}`;
   switch (issue.code) {
     case 'invalid_type': {
       if (typeof value === 'number' && Number.isFinite(value) && issue.expected === 'int') return `${value} is not an integer; ${expected}`;
@@ -335,7 +449,8 @@ function issueMessage(issue: z.core.$ZodIssue, rawValue: unknown): string {
       if (typeof value === 'string') return `${show(value)} has the wrong length; ${expected}`;
       return `${show(value)} is out of range; ${expected}`;
     case 'invalid_value': {
-      const near = typeof value === 'string' ? suggest(value, issue.values.filter((v): v is string => typeof v === 'string')) : null;
+      const values = key === 'recipe' ? ['medusa1', 'medusa2'] : issue.values.filter((v): v is string => typeof v === 'string');
+      const near = typeof value === 'string' ? suggest(value, values) : null;
       return `${show(value)} is not allowed; ${expected}${near !== null && near !== value ? ` (did you mean ${near}?)` : ''}`;
     }
     default:
@@ -388,6 +503,28 @@ class Sources {
       }
     }
     return range ? this.lineCounter.linePos(range[0]).line : null;
+  }
+}
+
+/** Values a MEDUSA-2 config refuses: [YAML path, value, why and the fix]. */
+const MEDUSA2_REFUSED: readonly [string[], unknown, string][] = [
+  [
+    ['model', 'engine'],
+    'onnx',
+    'cannot train MEDUSA-2: it trains the backbone with autograd, which runs on the tfjs engine (onnxruntime runs frozen forwards only, for MEDUSA-1); set model.engine: tfjs or auto (auto trains on tfjs)',
+  ],
+  [['train', 'cache_hidden_states'], 'memory', 'cannot be used with MEDUSA-2: the backbone changes every step, so its hidden states cannot be reused; set train.cache_hidden_states: none'],
+  [['train', 'cache_hidden_states'], 'disk', 'cannot be used with MEDUSA-2: the backbone changes every step, so its hidden states cannot be reused; set train.cache_hidden_states: none'],
+];
+
+/** Delete the sections written empty (`heads:` with every key commented out), at every depth: they take their defaults. */
+function dropEmptySections(obj: Record<string, unknown>, shape: Record<string, z.ZodType>): void {
+  for (const [k, s] of Object.entries(shape)) {
+    const sub = sectionInfo.get(s);
+    if (sub === undefined || !Object.hasOwn(obj, k)) continue;
+    const v = obj[k];
+    if (v === null) delete obj[k];
+    else if (typeof v === 'object' && !Array.isArray(v)) dropEmptySections(v as Record<string, unknown>, sub.shape);
   }
 }
 
@@ -448,11 +585,11 @@ function applyOverride(root: Record<string, unknown>, o: Override, value: unknow
   for (let i = 0; i < o.path.length - 1; i++) {
     const seg = o.path[i];
     const next = Object.hasOwn(cur, seg) ? cur[seg] : undefined;
-    const leaf = infoAt(o.path.slice(0, i + 1));
-    if (next === undefined && leaf !== undefined && i < 2) {
+    const leaf = resolve(recipeOf(root), o.path.slice(0, i + 1));
+    if (next === undefined && leaf?.kind === 'leaf' && leaf.depth === i + 1) {
       // A key that holds a value (its default is not in the raw config yet).
       const at = o.path.slice(0, i + 1).join('.');
-      problems.push(`${at}: --set ${o.arg} goes through ${at}, which holds a value (${leaf.expects}), not a section; set ${at} itself instead`);
+      problems.push(`${at}: --set ${o.arg} goes through ${at}, which holds a value (${leaf.info.expects}), not a section; set ${at} itself instead`);
       return false;
     }
     if (next === undefined) {
@@ -523,7 +660,7 @@ export function loadTrainConfig(file: string | null, overrides: string[]): { con
     }
     raw = value as Record<string, unknown>;
     // An empty section (`heads:` with every key commented out) means "all defaults".
-    for (const s of Object.keys(SECTION_SHAPES)) if (Object.hasOwn(raw, s) && raw[s] === null) delete raw[s];
+    dropEmptySections(raw, SHAPES[recipeOf(raw)]);
   }
 
   const overrideProblems: string[] = [];
@@ -537,17 +674,24 @@ export function loadTrainConfig(file: string | null, overrides: string[]): { con
 
   const problems: string[] = [];
   const sources = new Sources(doc, lineCounter, applied);
-  const result = TrainConfigSchema.safeParse(raw);
+  const recipe = recipeOf(raw);
+  const result = recipe === 'medusa2' ? Medusa2ConfigSchema.safeParse(raw) : Medusa1ConfigSchema.safeParse(raw);
   if (!result.success) {
     for (const issue of result.error.issues) {
       if (issue.code === 'unrecognized_keys') {
         for (const key of issue.keys) {
           const p = [...issue.path, key];
-          problems.push(`${fmtPath(p)}: ${unknownKeyMessage(issue.path, key)}${sources.describe(p, true)}`);
+          problems.push(`${fmtPath(p)}: ${unknownKeyMessage(recipe, issue.path, key)}${sources.describe(p, true)}`);
         }
       } else {
-        problems.push(`${fmtPath(issue.path)}: ${issueMessage(issue, valueAt(raw, issue.path))}${sources.describe(issue.path, false)}`);
+        problems.push(`${fmtPath(issue.path)}: ${issueMessage(recipe, issue, valueAt(raw, issue.path))}${sources.describe(issue.path, false)}`);
       }
+    }
+  }
+  if (recipe === 'medusa2') {
+    // Keys that are valid alone but not for joint training (checked on the raw values, so reported with the rest).
+    for (const [p, bad, why] of MEDUSA2_REFUSED) {
+      if (valueAt(raw, p) === bad) problems.push(`${fmtPath(p)}: ${show(bad)} ${why}${sources.describe(p, false)}`);
     }
   }
   problems.push(...overrideProblems);
@@ -559,6 +703,26 @@ export function loadTrainConfig(file: string | null, overrides: string[]): { con
 // ---------------------------------------------------------------------------------------------------
 // Saving
 
+/** Put each key's doc (and each section's) above it in the saved YAML, at every depth. */
+function commentKeys(map: YAML.YAMLMap, shape: Record<string, z.ZodType>, at: string[]): void {
+  for (const pair of map.items) {
+    if (!isScalar(pair.key)) continue;
+    const name = String(pair.key.value);
+    const schema = Object.hasOwn(shape, name) ? shape[name] : undefined;
+    if (schema === undefined) continue;
+    const sub = sectionInfo.get(schema);
+    if (at.length === 0) pair.key.spaceBefore = pair !== map.items[0];
+    if (sub !== undefined) {
+      pair.key.commentBefore = ` ${sub.doc}`;
+      if (isMap(pair.value)) commentKeys(pair.value, sub.shape, [...at, name]);
+      continue;
+    }
+    const info = fieldInfo.get(schema);
+    if (info !== undefined) pair.key.commentBefore = at.length === 0 ? ` ${info.doc}` : ` ${info.doc}; ${info.expects}`;
+    if (isSeq(pair.value) && (name === 'betas' || name === 'targets')) pair.value.flow = true;
+  }
+}
+
 /** The resolved config as YAML: a header (version, date), every key with a comment saying what it does. */
 export function renderConfigYaml(config: TrainConfig, date: Date): string {
   const doc = new YAML.Document(config);
@@ -567,23 +731,7 @@ export function renderConfigYaml(config: TrainConfig, date: Date): string {
     ' Every default is filled in; keys are described in docs/CONFIG.md.\n' +
     ' Run it again with: medusa-train train --config <this file>';
   const top = doc.contents;
-  if (isMap(top)) {
-    for (const pair of top.items) {
-      const name = isScalar(pair.key) ? String(pair.key.value) : String(pair.key);
-      if (isScalar(pair.key)) {
-        pair.key.spaceBefore = pair !== top.items[0];
-        if (name === 'recipe') pair.key.commentBefore = ` ${fieldInfo.get(recipeSchema)?.doc ?? ''}`;
-        else if (Object.hasOwn(SECTION_DOCS, name)) pair.key.commentBefore = ` ${SECTION_DOCS[name as keyof typeof SECTION_DOCS]}`;
-      }
-      if (!isMap(pair.value)) continue;
-      for (const item of pair.value.items) {
-        const key = isScalar(item.key) ? String(item.key.value) : String(item.key);
-        const info = infoAt([name, key]);
-        if (info !== undefined && isScalar(item.key)) item.key.commentBefore = ` ${info.doc}; ${info.expects}`;
-        if (name === 'train' && key === 'betas' && isSeq(item.value)) item.value.flow = true;
-      }
-    }
-  }
+  if (isMap(top)) commentKeys(top, SHAPES[config.recipe], []);
   return doc.toString({ flowCollectionPadding: false, lineWidth: 0 });
 }
 

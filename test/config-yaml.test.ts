@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import YAML, { isMap, isScalar } from 'yaml';
-import { CONFIG_KEYS, configHash, loadTrainConfig, saveResolvedConfig, shellQuote, suggest, type TrainConfig } from '../src/config.js';
+import { CONFIG_KEYS, configHash, configKeys, loadTrainConfig, saveResolvedConfig, shellQuote, suggest, type TrainConfig } from '../src/config.js';
 import { MedusaError } from '../src/errors.js';
 
 const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
@@ -87,17 +87,17 @@ describe('configs/', () => {
   const files = fs.readdirSync(CONFIGS).filter((f) => f.endsWith('.yaml'));
 
   test('the documented recipes are there', () => {
-    expect(files.sort()).toEqual(['llama-3.1-8b.yaml', 'qwen2.5-0.5b.yaml', 'tiny.yaml', 'vicuna-7b.yaml']);
+    expect(files.sort()).toEqual(['llama-3.1-8b.yaml', 'medusa2-tiny.yaml', 'qwen2.5-0.5b.yaml', 'tiny.yaml', 'vicuna-7b.yaml']);
   });
 
   test.each(files)('%s loads, validates, and lists every key with a comment', (name) => {
     const file = path.join(CONFIGS, name);
     const { config } = loadTrainConfig(file, []);
-    expect(config.recipe).toBe('medusa1');
+    expect(config.recipe).toBe(name.startsWith('medusa2') ? 'medusa2' : 'medusa1');
     expect(config.data.train.length).toBeGreaterThan(0);
     // Every key is written out (the files are user-facing documentation), each with a comment above it.
     const doc = YAML.parseDocument(fs.readFileSync(file, 'utf8'));
-    for (const key of CONFIG_KEYS) {
+    for (const key of configKeys(config.recipe)) {
       const segs = key.split('.');
       expect([key, doc.hasIn(segs)]).toEqual([key, true]);
       const parent = segs.length === 1 ? doc.contents : doc.getIn(segs.slice(0, -1), true);
@@ -131,7 +131,7 @@ describe('configs/', () => {
 
   test('docs/CONFIG.md documents every key', () => {
     const doc = fs.readFileSync(path.join(ROOT, 'docs', 'CONFIG.md'), 'utf8');
-    for (const key of CONFIG_KEYS) expect([key, doc.includes(`\`${key}\``)]).toEqual([key, true]);
+    for (const key of [...CONFIG_KEYS, ...configKeys('medusa2')]) expect([key, doc.includes(`\`${key}\``)]).toEqual([key, true]);
   });
 });
 
@@ -258,9 +258,9 @@ describe('problems', () => {
     for (const re of expected) expect(lines.filter((l) => re.test(l))).toHaveLength(1);
   });
 
-  test('recipe medusa2 is not available yet', () => {
-    const e = configError(() => loadTrainConfig(null, [TRAIN, 'recipe=medusa2']));
-    expect(problemLines(e)).toEqual(['  - recipe: medusa2 is not available yet (issue: MEDUSA-2); use medusa1 (from --set recipe=medusa2)']);
+  test('a recipe that does not exist', () => {
+    const e = configError(() => loadTrainConfig(null, [TRAIN, 'recipe=medusa-2']));
+    expect(problemLines(e)).toEqual(['  - recipe: "medusa-2" is not allowed; expected one of medusa1 | medusa2 (did you mean medusa2?) (from --set recipe=medusa-2)']);
   });
 
   test('a section that is not a mapping, and a list given as a string', () => {
