@@ -22,7 +22,7 @@ import { ensureEmbeddedModel } from '../model/tiny.js';
 import { loadTokenizer } from '../data/tokenizer.js';
 import { countValid, loadExamples, padBatch, planEpoch, splitEval, type PaddedBatch, type TrainExample } from '../data/batches.js';
 import { hiddenCacheBytes, openHiddenCache, type HiddenCache } from '../data/hidden-cache.js';
-import { TOPK_REPORTED } from '../train/heads-loss.js';
+import { addStats, checkDatasetsMatchModel, emptyStats, summarise, truncateMetrics, type HeadMetrics } from '../train/run-common.js';
 import { lrAt, warmupSteps } from '../train/schedule.js';
 import { createHeadsTrainer, type HeadsBatch, type HeadsTrainer } from '../engines/heads-trainer.js';
 import { chooseBackbone, type Backbone } from '../engines/decoder-engine.js';
@@ -37,12 +37,7 @@ export interface Medusa1Args {
   shouldStop?: () => boolean;
 }
 
-export interface HeadMetrics {
-  loss: number;
-  /** top-1 .. top-10 accuracy (the summary prints top-1 and top-5) */
-  acc: number[];
-  valid: number;
-}
+export type { HeadMetrics } from '../train/run-common.js';
 
 export interface Medusa1Summary {
   runDir: string;
@@ -56,29 +51,6 @@ export interface Medusa1Summary {
   finalEval: { loss: number; heads: HeadMetrics[] } | null;
   checkpoint: string | null;
   backend: string;
-}
-
-interface StepStats {
-  ceSum: number[];
-  valid: number[];
-  correct: number[][];
-}
-
-function emptyStats(K: number): StepStats {
-  return { ceSum: new Array<number>(K).fill(0), valid: new Array<number>(K).fill(0), correct: Array.from({ length: K }, () => new Array<number>(TOPK_REPORTED).fill(0)) };
-}
-
-function summarise(st: StepStats, decay: number, coef: number): { loss: number; heads: HeadMetrics[] } {
-  const heads = st.ceSum.map((ce, k) => ({
-    loss: st.valid[k] > 0 ? ce / st.valid[k] : NaN,
-    acc: st.correct[k].map((c) => (st.valid[k] > 0 ? c / st.valid[k] : NaN)),
-    valid: st.valid[k],
-  }));
-  let loss = 0;
-  heads.forEach((h, k) => {
-    if (h.valid > 0) loss += coef * Math.pow(decay, k) * h.loss;
-  });
-  return { loss, heads };
 }
 
 export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
@@ -106,14 +78,7 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
     cleanup.push(() => disposeWeights(decoder.weights));
     const tokenizer = await loadTokenizer(modelDir);
     const data = loadExamples(c.data.train, { maxSeqLen: c.data.max_seq_len });
-    for (const ds of data.datasets) {
-      const wrong: string[] = [];
-      if (ds.meta['base_model_config_sha256'] !== folder.configHash) wrong.push(`base model config sha256 ${ds.meta['base_model_config_sha256']?.slice(0, 12)}… != ${folder.configHash.slice(0, 12)}… (${modelDir})`);
-      if (ds.meta['tokenizer_sha256'] !== tokenizer.hash) wrong.push(`tokenizer sha256 ${ds.meta['tokenizer_sha256']?.slice(0, 12)}… != ${tokenizer.hash.slice(0, 12)}…`);
-      if (wrong.length > 0) {
-        fail('E_CONFIG', `dataset ${ds.dir} was distilled from another model or tokenizer: ${wrong.join('; ')}. Heads must learn the distribution of the model they serve: distill again with --model ${modelDir}, or point model.path at the dataset's base model.`);
-      }
-    }
+    checkDatasetsMatchModel(data.datasets, modelDir, folder.configHash, tokenizer.hash);
     const { train, eval: evalSet } = splitEval(data.examples, { fraction: c.data.eval_fraction, max: c.data.eval_max, seed: c.run.seed });
     if (train.length === 0) fail('E_CONFIG', `data.train: no training conversations left (${data.examples.length} loaded, ${evalSet.length} held out for eval, ${data.droppedNoLabels} without labels).`);
     a.log(`data: ${train.length} train + ${evalSet.length} eval conversations (${data.truncated} truncated to ${c.data.max_seq_len} tokens, ${data.droppedNoLabels} dropped without labels)`);
@@ -295,26 +260,6 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
 async function backboneHidden(backbone: Backbone, pb: PaddedBatch): Promise<Float32Array> {
   const r = await backbone.forward({ ids: pb.ids, batch: pb.B, seqLen: pb.T, mask: pb.attention, logits: 'none' });
   return r.hidden; // [B, T, d] = [B*T, d]
-}
-
-function addStats(st: StepStats, r: { ceSum: number[]; valid: number[]; correct: number[][] }): void {
-  r.ceSum.forEach((v, k) => (st.ceSum[k] += v));
-  r.valid.forEach((v, k) => (st.valid[k] += v));
-  r.correct.forEach((row, k) => row.forEach((v, j) => (st.correct[k][j] += v)));
-}
-
-/** Drop metrics lines written after `step` (they belong to steps a resumed run repeats). */
-function truncateMetrics(file: string, step: number): void {
-  if (!fs.existsSync(file)) return;
-  const keep = fs.readFileSync(file, 'utf8').split('\n').filter((l) => {
-    if (!l.trim()) return false;
-    try {
-      return (JSON.parse(l) as { step: number }).step <= step;
-    } catch {
-      return false;
-    }
-  });
-  fs.writeFileSync(file, keep.length > 0 ? `${keep.join('\n')}\n` : '');
 }
 
 export function formatMedusa1Summary(s: Medusa1Summary): string {

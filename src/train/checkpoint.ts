@@ -4,6 +4,8 @@
  * Layout: `<run>/checkpoints/step-<step, 8+ digits>/`
  *   heads.safetensors      the heads' F32 tensors (Medusa reference names `{k}.{l}.linear.weight`, ...)
  *   optimizer.safetensors  the optimizer's F32 tensors (moments, ...)
+ *   backbone.safetensors   MEDUSA-2 only: the trained backbone tensors (LoRA adapters in PEFT names, or the
+ *                          tuned layers in Hugging Face names); optional, not part of completeness
  *   state.json             {"format": "medusa-train-checkpoint", "version": 1, "step": N, "state": {...}}
  *
  * Saving writes everything into `checkpoints/.tmp-step-<8 digits>-<pid>/` (each file fsynced, then the
@@ -36,6 +38,8 @@ export interface CheckpointData {
   /** Medusa reference names: `{k}.{l}.linear.weight` [d, d] (out, in), `{k}.{l}.linear.bias` [d], `{k}.{L}.weight` [V, d]. */
   heads: Record<string, CheckpointTensor>;
   optimizer: Record<string, CheckpointTensor>;
+  /** MEDUSA-2: the trained backbone tensors (backbone.safetensors); absent for MEDUSA-1. */
+  backbone?: Record<string, CheckpointTensor>;
   /** JSON state: step, epoch, batch position, rng states, config hash, metrics so far... */
   state: Record<string, unknown>;
 }
@@ -45,6 +49,7 @@ export const CHECKPOINT_VERSION = 1;
 export const CHECKPOINTS_DIR = 'checkpoints';
 export const HEADS_FILE = 'heads.safetensors';
 export const OPTIMIZER_FILE = 'optimizer.safetensors';
+export const BACKBONE_FILE = 'backbone.safetensors';
 export const STATE_FILE = 'state.json';
 /** state.json is small; anything bigger is not ours. */
 const MAX_STATE_BYTES = 64 * 1024 * 1024;
@@ -179,6 +184,7 @@ export function saveCheckpoint(runDir: string, c: CheckpointData, o: { keep: num
   if (c.state['step'] !== undefined && c.state['step'] !== c.step) throw internal(`checkpoint state.step ${String(c.state['step'])} differs from step ${c.step}`);
   const heads = toWrite(c.heads, 'heads');
   const optimizer = toWrite(c.optimizer, 'optimizer');
+  const backbone = c.backbone ? toWrite(c.backbone, 'backbone') : null;
   const stateText = `${JSON.stringify({ format: CHECKPOINT_FORMAT, version: CHECKPOINT_VERSION, step: c.step, state: c.state }, null, 2)}\n`;
 
   const ckDir = path.join(path.resolve(runDir), CHECKPOINTS_DIR);
@@ -197,6 +203,7 @@ export function saveCheckpoint(runDir: string, c: CheckpointData, o: { keep: num
     fs.mkdirSync(tmp);
     writeSafetensors(path.join(tmp, HEADS_FILE), heads, { format: 'pt' });
     writeSafetensors(path.join(tmp, OPTIMIZER_FILE), optimizer, { format: 'pt' });
+    if (backbone) writeSafetensors(path.join(tmp, BACKBONE_FILE), backbone, { format: 'pt' });
     writeFileAtomic(path.join(tmp, STATE_FILE), [Buffer.from(stateText, 'utf8')]);
     fsyncDir(tmp);
     if (fs.existsSync(final)) removeAtomically(ckDir, name);
@@ -296,6 +303,7 @@ export function loadCheckpoint(dir: string): CheckpointData {
     step,
     heads: loadTensors(path.join(abs, HEADS_FILE)),
     optimizer: loadTensors(path.join(abs, OPTIMIZER_FILE)),
+    ...(isFile(path.join(abs, BACKBONE_FILE)) ? { backbone: loadTensors(path.join(abs, BACKBONE_FILE)) } : {}),
     state: state as Record<string, unknown>,
   };
 }
