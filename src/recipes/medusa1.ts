@@ -22,11 +22,11 @@ import { ensureEmbeddedModel } from '../model/tiny.js';
 import { loadTokenizer } from '../data/tokenizer.js';
 import { countValid, loadExamples, padBatch, planEpoch, splitEval, type PaddedBatch, type TrainExample } from '../data/batches.js';
 import { hiddenCacheBytes, openHiddenCache, type HiddenCache } from '../data/hidden-cache.js';
-import { addStats, checkDatasetsMatchModel, emptyStats, summarise, truncateMetrics, type HeadMetrics } from '../train/run-common.js';
+import { addStats, checkDatasetsMatchModel, checkResumeHash, emptyStats, prepareRunDir, summarise, truncateMetrics, type HeadMetrics } from '../train/run-common.js';
 import { lrAt, warmupSteps } from '../train/schedule.js';
 import { createHeadsTrainer, type HeadsBatch, type HeadsTrainer } from '../engines/heads-trainer.js';
 import { chooseBackbone, type Backbone } from '../engines/decoder-engine.js';
-import { latestCheckpoint, loadCheckpoint, saveCheckpoint } from '../train/checkpoint.js';
+import { loadCheckpoint, saveCheckpoint } from '../train/checkpoint.js';
 
 export interface Medusa1Args {
   config: TrainConfig;
@@ -63,11 +63,7 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
   const runName = c.run.name ?? `medusa1-${path.basename(path.resolve(modelDir))}`;
   const runDir = path.join(c.run.dir, runName);
   const hash = configHash(c);
-  const resumeFrom = a.resume ? latestCheckpoint(runDir) : null;
-  if (!a.resume && fs.existsSync(path.join(runDir, 'checkpoints')) && (latestCheckpoint(runDir) !== null)) {
-    fail('E_USAGE', `${runDir} already holds a run with checkpoints. Pass --resume to continue it, or choose another run.name (--set run.name=...).`);
-  }
-  fs.mkdirSync(runDir, { recursive: true });
+  const resumeFrom = prepareRunDir(runDir, a.resume);
   saveResolvedConfig(runDir, c, a.commandLine);
   a.log(`run: ${runDir}`);
 
@@ -110,9 +106,7 @@ export async function runMedusa1(a: Medusa1Args): Promise<Medusa1Summary> {
     let trainTokens = 0;
     if (resumeFrom) {
       const ck = loadCheckpoint(resumeFrom);
-      if (ck.state['config_hash'] !== hash) {
-        fail('E_CONFIG', `cannot resume ${runDir}: the config's training settings differ from the run's (config hash ${String(ck.state['config_hash']).slice(0, 12)}… vs ${hash.slice(0, 12)}…). Compare with ${path.join(runDir, 'config.yaml')}, or start a new run.name.`);
-      }
+      checkResumeHash(ck.state, hash, runDir);
       if (ck.state['optimizer_layout'] !== 'reference') fail('E_CONFIG', `${resumeFrom} holds optimizer state in an older layout; start a new run.`);
       trainer.importHeads(ck.heads, resumeFrom);
       trainer.importOptimizer({ step: ck.state['optimizer_step'] as number, tensors: ck.optimizer });

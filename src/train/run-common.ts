@@ -5,7 +5,9 @@
  * a run resumes from.
  */
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { fail } from '../errors.js';
+import { latestCheckpoint } from './checkpoint.js';
 import { TOPK_REPORTED } from './heads-loss.js';
 
 export interface HeadMetrics {
@@ -68,5 +70,25 @@ export function checkDatasetsMatchModel(datasets: { dir: string; meta: Record<st
     if (wrong.length > 0) {
       fail('E_CONFIG', `dataset ${ds.dir} was distilled from another model or tokenizer: ${wrong.join('; ')}. Heads must learn the distribution of the model they serve: distill again with --model ${modelDir}, or point model.path at the dataset's base model.`);
     }
+  }
+}
+
+/**
+ * The run folder before training: with `resume`, its latest checkpoint (or null: a fresh start);
+ * without, E_USAGE when it already holds checkpoints. Creates the folder.
+ */
+export function prepareRunDir(runDir: string, resume: boolean): string | null {
+  const latest = latestCheckpoint(runDir);
+  if (!resume && latest !== null) {
+    fail('E_USAGE', `${runDir} already holds a run with checkpoints. Pass --resume to continue it, or choose another run.name (--set run.name=...).`);
+  }
+  fs.mkdirSync(runDir, { recursive: true });
+  return resume ? latest : null;
+}
+
+/** Refuse to resume a checkpoint written with other training settings (its state's config_hash). */
+export function checkResumeHash(state: Record<string, unknown>, hash: string, runDir: string): void {
+  if (state['config_hash'] !== hash) {
+    fail('E_CONFIG', `cannot resume ${runDir}: the config's training settings differ from the run's (config hash ${String(state['config_hash']).slice(0, 12)}… vs ${hash.slice(0, 12)}…). Compare with ${path.join(runDir, 'config.yaml')}, or start a new run.name.`);
   }
 }
