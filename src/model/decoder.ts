@@ -71,6 +71,24 @@ export interface ForwardArgs {
    * positions; prune it afterwards with `keepCacheEntries`.
    */
   treeMask?: TreeMask;
+  /**
+   * Training hook (MEDUSA-2, src/train/trainable-backbone.ts): replaces the weights, the embedding
+   * lookup and/or rewrites each linear projection's output (e.g. adds a LoRA path). Absent: the plain
+   * forward, unchanged.
+   */
+  hook?: ForwardHook;
+}
+
+/** The linear projections a ForwardHook sees, by their Hugging Face module names. */
+export type LinearSite = 'q_proj' | 'k_proj' | 'v_proj' | 'o_proj' | 'gate_proj' | 'up_proj' | 'down_proj' | 'lm_head';
+
+export interface ForwardHook {
+  /** Weights used instead of model.weights (same internal layout), e.g. with some tensors trainable. */
+  weights?: DecoderWeights;
+  /** The embedding of `ids` [B*T] as [B*T, d], instead of the gather from the embedding table. */
+  embed?: (ids: Int32Array) => tf.Tensor2D;
+  /** Receives a projection's input [n, in] and output [n, out] (bias included); returns the output to use. Layer -1: lm_head. */
+  linear?: (site: LinearSite, layer: number, input: tf.Tensor2D, output: tf.Tensor2D) => tf.Tensor2D;
 }
 
 export interface TreeMask {
@@ -214,21 +232,24 @@ export function decoderForward(model: Decoder, args: ForwardArgs): ForwardResult
   const newK: tf.Tensor4D[] = [];
   const newV: tf.Tensor4D[] = [];
   const hiddenOut = tf.tidy((): tf.Tensor3D => {
-    const w = model.weights;
+    const hook = args.hook;
+    const w = hook?.weights ?? model.weights;
+    const lin = (site: LinearSite, layer: number, input: tf.Tensor, output: tf.Tensor): tf.Tensor2D =>
+      (hook?.linear ? hook.linear(site, layer, input as tf.Tensor2D, output as tf.Tensor2D) : output) as tf.Tensor2D; // [n, out]
     const cos = tf.tensor4d(cosData, [B, T, 1, hd]); // [B, T, 1, hd]
     const sin = tf.tensor4d(sinData, [B, T, 1, hd]); // [B, T, 1, hd]
     const biasT = tf.tensor3d(bias, [B, nRep * T, L]); // [B, nRep*T, L]
     const scale = 1 / Math.sqrt(hd);
-    let x: tf.Tensor2D = tf.gather(w.embed, tf.tensor1d(Int32Array.from(args.ids), 'int32')); // [B*T, d]
+    let x: tf.Tensor2D = hook?.embed ? hook.embed(Int32Array.from(args.ids)) : tf.gather(w.embed, tf.tensor1d(Int32Array.from(args.ids), 'int32')); // [B*T, d]
     for (let li = 0; li < c.numLayers; li++) {
       const lw = w.layers[li];
       // --- attention block ---
       const xn = rmsNorm(x, lw.attnNorm, c.rmsNormEps); // [B*T, d]
       let qkv: tf.Tensor2D = tf.matMul(xn, lw.wqkv); // [B*T, q+2kv]
       if (lw.bqkv) qkv = tf.add(qkv, lw.bqkv);
-      let q: tf.Tensor4D = tf.reshape(tf.slice(qkv, [0, 0], [B * T, nH * hd]), [B, T, nH, hd]); // [B, T, nH, hd]
-      let k: tf.Tensor4D = tf.reshape(tf.slice(qkv, [0, nH * hd], [B * T, nKV * hd]), [B, T, nKV, hd]); // [B, T, nKV, hd]
-      const v: tf.Tensor4D = tf.reshape(tf.slice(qkv, [0, (nH + nKV) * hd], [B * T, nKV * hd]), [B, T, nKV, hd]); // [B, T, nKV, hd]
+      let q: tf.Tensor4D = tf.reshape(lin('q_proj', li, xn, tf.slice(qkv, [0, 0], [B * T, nH * hd])), [B, T, nH, hd]); // [B, T, nH, hd]
+      let k: tf.Tensor4D = tf.reshape(lin('k_proj', li, xn, tf.slice(qkv, [0, nH * hd], [B * T, nKV * hd])), [B, T, nKV, hd]); // [B, T, nKV, hd]
+      const v: tf.Tensor4D = tf.reshape(lin('v_proj', li, xn, tf.slice(qkv, [0, (nH + nKV) * hd], [B * T, nKV * hd])), [B, T, nKV, hd]); // [B, T, nKV, hd]
       if (lw.qNorm && lw.kNorm) {
         q = rmsNorm(q, lw.qNorm, c.rmsNormEps); // [B, T, nH, hd]
         k = rmsNorm(k, lw.kNorm, c.rmsNormEps); // [B, T, nKV, hd]
@@ -248,21 +269,26 @@ export function decoderForward(model: Decoder, args: ForwardArgs): ForwardResult
       const merged = tf.reshape(tf.transpose(tf.reshape(attn, [B, nH, T, hd]), [0, 2, 1, 3]), [B * T, nH * hd]); // [B*T, nH*hd]
       let o: tf.Tensor2D = tf.matMul(merged, lw.wo); // [B*T, d]
       if (lw.bo) o = tf.add(o, lw.bo);
+      if (hook?.linear) o = lin('o_proj', li, merged, o); // [B*T, d]
       const h = tf.add(x, o); // [B*T, d]
       // --- MLP block (SwiGLU) ---
       const hn = rmsNorm(h, lw.mlpNorm, c.rmsNormEps); // [B*T, d]
       const gu = tf.matMul(hn, lw.wgu); // [B*T, 2ff]
       const ff = c.intermediateSize;
-      const act = tf.mul(tf.mul(tf.slice(gu, [0, 0], [B * T, ff]), tf.sigmoid(tf.slice(gu, [0, 0], [B * T, ff]))), tf.slice(gu, [0, ff], [B * T, ff])); // [B*T, ff]
-      x = tf.add(h, tf.matMul(act, lw.wdown)); // [B*T, d]
+      const gate = hook?.linear ? lin('gate_proj', li, hn, tf.slice(gu, [0, 0], [B * T, ff])) : null; // [B*T, ff]
+      const up = hook?.linear ? lin('up_proj', li, hn, tf.slice(gu, [0, ff], [B * T, ff])) : null; // [B*T, ff]
+      const act = gate && up
+        ? tf.mul(tf.mul(gate, tf.sigmoid(gate)), up) // [B*T, ff]
+        : tf.mul(tf.mul(tf.slice(gu, [0, 0], [B * T, ff]), tf.sigmoid(tf.slice(gu, [0, 0], [B * T, ff]))), tf.slice(gu, [0, ff], [B * T, ff])); // [B*T, ff]
+      x = tf.add(h, lin('down_proj', li, act, tf.matMul(act, lw.wdown))); // [B*T, d]
     }
     const hidden2 = rmsNorm(x, w.finalNorm, c.rmsNormEps); // [B*T, d]
     const hidden = tf.reshape(hidden2, [B, T, d]) as tf.Tensor3D; // [B, T, d]
     if (args.logits === 'all') {
-      logitsOut = tf.keep(tf.reshape(tf.matMul(hidden2, w.lmHead), [B, T, c.vocabSize]) as tf.Tensor3D); // [B, T, V]
+      logitsOut = tf.keep(tf.reshape(lin('lm_head', -1, hidden2, tf.matMul(hidden2, w.lmHead)), [B, T, c.vocabSize]) as tf.Tensor3D); // [B, T, V]
     } else if (args.logits === 'last') {
       const last = tf.reshape(tf.slice(hidden, [0, T - 1, 0], [B, 1, d]), [B, d]); // [B, d]
-      logitsOut = tf.keep(tf.reshape(tf.matMul(last, w.lmHead), [B, 1, c.vocabSize]) as tf.Tensor3D); // [B, 1, V]
+      logitsOut = tf.keep(tf.reshape(lin('lm_head', -1, last, tf.matMul(last, w.lmHead)), [B, 1, c.vocabSize]) as tf.Tensor3D); // [B, 1, V]
     }
     return hidden;
   });

@@ -22,8 +22,12 @@
  *
  * Differences from torch: one step counter for the whole optimizer (torch keeps one per parameter
  * and skips parameters whose .grad is None); here every parameter must receive a gradient at every
- * step, so the counters could never diverge. Parameter groups are expressed as a weight decay per
- * parameter; the lr is passed to each step (from the schedule) instead of being stored in groups.
+ * step, so the counters could never diverge. Parameter groups are expressed per parameter: a weight
+ * decay and an lr multiplier `lrScale` (default 1); the lr is passed to each step (from the schedule) and
+ * parameter p uses lr x lrScale everywhere torch uses its group's lr (the step size and the decoupled
+ * decay), so a parameter with lrScale s behaves exactly as in a torch group whose lr is s x lr.
+ * `adamwParamGroups` builds MEDUSA-2's groups (heads lr x heads_lr_multiplier; no decay on biases and
+ * norms). The exported state holds no group settings, so MEDUSA-1 optimizer files load unchanged.
  *
  * Tensor ownership: the optimizer updates the caller's Variables in place (Variable.assign) and owns
  * only its moment Variables (non-trainable, so tf.variableGrads never picks them up), which
@@ -40,6 +44,8 @@ export interface AdamWParam {
   value: tf.Variable;
   /** Decoupled weight decay (torch's weight_decay of the parameter's group); 0 for biases and norms. */
   weightDecay: number;
+  /** Multiplier of the step's lr for this parameter (torch: a param group with lr x lrScale); default 1. */
+  lrScale?: number;
 }
 
 export interface AdamWOptions {
@@ -58,6 +64,7 @@ interface Slot {
   name: string;
   value: tf.Variable;
   weightDecay: number;
+  lrScale: number;
   expAvg: tf.Variable; // m, same shape as value
   expAvgSq: tf.Variable; // v, same shape as value
 }
@@ -106,6 +113,9 @@ export class AdamW {
       if (!(Number.isFinite(p.weightDecay) && p.weightDecay >= 0)) {
         fail('E_CONFIG', `AdamW: weight decay of ${JSON.stringify(p.name)} must be a finite number >= 0, got ${String(p.weightDecay)}`);
       }
+      if (p.lrScale !== undefined && !(Number.isFinite(p.lrScale) && p.lrScale >= 0)) {
+        fail('E_CONFIG', `AdamW: lr multiplier of ${JSON.stringify(p.name)} must be a finite number >= 0, got ${String(p.lrScale)}`);
+      }
     }
     this.beta1 = beta1;
     this.beta2 = beta2;
@@ -114,6 +124,7 @@ export class AdamW {
       name: p.name,
       value: p.value,
       weightDecay: p.weightDecay,
+      lrScale: p.lrScale ?? 1,
       expAvg: zerosVariable(p.value.shape),
       expAvgSq: zerosVariable(p.value.shape),
     }));
@@ -155,7 +166,6 @@ export class AdamW {
     // Host binary64, as torch computes these from Python floats.
     const bc1 = 1 - beta1 ** t;
     const bc2 = 1 - beta2 ** t;
-    const negStepSize = -(lr / bc1);
     const bc2Sqrt = Math.sqrt(bc2);
     const f32 = (x: number): tf.Scalar => tf.scalar(x, 'float32');
 
@@ -166,9 +176,12 @@ export class AdamW {
       const sOneMinusBeta2 = f32(1 - beta2);
       const sBc2Sqrt = f32(bc2Sqrt);
       const sEps = f32(eps);
-      const sNegStep = f32(negStepSize);
+      const negStep = new Map<number, tf.Scalar>(); // per distinct lr multiplier
       for (const s of this.slots) {
         const g = grads.get(s.name)!;
+        const lrS = lr * s.lrScale; // this parameter's group lr
+        if (!negStep.has(s.lrScale)) negStep.set(s.lrScale, f32(-(lrS / bc1)));
+        const sNegStep = negStep.get(s.lrScale)!;
         tf.tidy(() => {
           // Intermediates are freed as soon as they are used, so a parameter's update needs at most
           // three parameter-sized temporaries (a tidy alone would keep all ~13 until its end, which
@@ -195,7 +208,7 @@ export class AdamW {
           denom.dispose();
           // p = p * (1 - lr * wd) + upd
           if (s.weightDecay !== 0) {
-            const decayed = tf.mul(s.value, f32(1 - lr * s.weightDecay));
+            const decayed = tf.mul(s.value, f32(1 - lrS * s.weightDecay));
             assignFrom(s.value, tf.add(decayed, upd), decayed, upd);
           } else {
             assignFrom(s.value, tf.add(s.value, upd), upd);
@@ -271,4 +284,27 @@ export class AdamW {
   private checkLive(): void {
     if (this.disposed) fail('E_INTERNAL', 'AdamW used after dispose()');
   }
+}
+
+/** A trainable tensor with its group (as src/train/trainable-backbone.ts TrainableParam). */
+export interface GroupedParam {
+  name: string;
+  variable: tf.Variable;
+  group: 'backbone' | 'heads';
+  /** false for biases and norms. */
+  weightDecay: boolean;
+}
+
+/**
+ * MEDUSA-2's parameter groups: every parameter gets `weightDecay` unless it is a bias or a norm
+ * (param.weightDecay false), and the heads learn at lr x headsLrMultiplier (the paper: x4).
+ */
+export function adamwParamGroups(params: GroupedParam[], o: { weightDecay: number; headsLrMultiplier: number }): AdamWParam[] {
+  if (!(Number.isFinite(o.headsLrMultiplier) && o.headsLrMultiplier > 0)) fail('E_CONFIG', `medusa2.heads_lr_multiplier must be a number > 0, got ${String(o.headsLrMultiplier)}`);
+  return params.map((p) => ({
+    name: p.name,
+    value: p.variable,
+    weightDecay: p.weightDecay ? o.weightDecay : 0,
+    lrScale: p.group === 'heads' ? o.headsLrMultiplier : 1,
+  }));
 }
