@@ -15,6 +15,7 @@ import { runDistill, formatDistillSummary } from './recipes/distill.js';
 import { createProgress } from './progress.js';
 import { loadTrainConfig } from './config.js';
 import { runMedusa1, formatMedusa1Summary } from './recipes/medusa1.js';
+import { runMedusa2, formatMedusa2Summary } from './recipes/medusa2.js';
 import { runDemo } from './recipes/demo.js';
 import { runExport } from './recipes/export.js';
 import { runEval, formatEval } from './recipes/eval.js';
@@ -209,7 +210,7 @@ export function buildProgram(io: Io = defaultIo): Command {
 
   program
     .command('train')
-    .description('Train Medusa heads (recipe: medusa1 = frozen backbone, heads only) from a YAML config')
+    .description('Train Medusa heads from a YAML config (recipe: medusa1 = frozen backbone, heads only; medusa2 = backbone (LoRA or last layers) and heads jointly, with a base-quality gate)')
     .option('--config <file>', 'YAML config (see docs/CONFIG.md and configs/); without it, the defaults')
     .option('--set <key=value>', 'override one config key, e.g. --set train.lr=2e-3 (repeatable)', collect, [] as string[])
     .option('--resume', "continue the run from its latest checkpoint (same training settings)")
@@ -217,11 +218,17 @@ export function buildProgram(io: Io = defaultIo): Command {
     .option('--json', 'print the summary as JSON')
     .action(async (o: { config?: string; set: string[]; resume?: boolean; progress: boolean; json?: boolean }) => {
       const { config } = loadTrainConfig(o.config ?? null, o.set);
-      const s = await withStopSignals(io, 'finishing the current step, writing a checkpoint, then stopping', (shouldStop) =>
-        runMedusa1({
-          config, commandLine: ['medusa-train', ...process.argv.slice(2)], resume: !!o.resume, log: (line) => io.err(line), shouldStop,
-          progress: createProgress({ label: 'train', unit: 'steps', isTTY: !!process.stderr.isTTY && !o.json, log: (line) => io.err(line), enabled: o.progress }),
-        }));
+      const run = {
+        commandLine: ['medusa-train', ...process.argv.slice(2)], resume: !!o.resume, log: (line: string) => io.err(line),
+        progress: createProgress({ label: 'train', unit: 'steps', isTTY: !!process.stderr.isTTY && !o.json, log: (line) => io.err(line), enabled: o.progress }),
+      };
+      const stopping = 'finishing the current step, writing a checkpoint, then stopping';
+      if (config.recipe === 'medusa2') {
+        const s = await withStopSignals(io, stopping, (shouldStop) => runMedusa2({ ...run, config, shouldStop }));
+        io.out(o.json ? JSON.stringify(s, null, 2) : formatMedusa2Summary(s));
+        return;
+      }
+      const s = await withStopSignals(io, stopping, (shouldStop) => runMedusa1({ ...run, config, shouldStop }));
       io.out(o.json ? JSON.stringify(s, null, 2) : formatMedusa1Summary(s));
     });
 
