@@ -286,6 +286,7 @@ export function medusa2LossAndGrads(decoder: Decoder, backbone: TrainableBackbon
   const params: TrainableParam[] = o.trainBackbone ? [...backbone.params, ...hp] : hp;
   const out = { ce: new Array<tf.Tensor>(K), rank: new Array<tf.Tensor>(K) };
   let lmSum: tf.Tensor | null = null;
+  let studentLogits: tf.Tensor | null = null; // kept by decoderForward (tf.keep), so released here
   // Frozen backbone (heads warmup): hidden states outside the gradient scope.
   const frozenHidden = o.trainBackbone ? null : tf.tidy(() => {
     const r = decoderForward(decoder, { ids: batch.ids, batch: B, seqLen: T, mask: batch.attention, logits: 'none', hook: backbone.hook(null) });
@@ -304,6 +305,7 @@ export function medusa2LossAndGrads(decoder: Decoder, backbone: TrainableBackbon
         else {
           const r = decoderForward(decoder, { ids: batch.ids, batch: B, seqLen: T, mask: batch.attention, logits: lmc ? 'all' : 'none', hook: backbone.hook(o.dropoutSeed) });
           hidden = tf.reshape(r.hidden, [B * T, d]) as tf.Tensor2D; // [B*T, d]
+          studentLogits = r.logits;
           if (lmc && r.logits && lm) {
             const rowsLogits = gatherRows(tf.reshape(r.logits, [B * T, V]) as tf.Tensor2D, lm.rows); // [n, V]
             const s = lmTermSum(rowsLogits, lmc); // []
@@ -327,6 +329,7 @@ export function medusa2LossAndGrads(decoder: Decoder, backbone: TrainableBackbon
     for (const p of params) if (!grads.has(p.name)) grads.set(p.name, tf.zerosLike(p.variable));
   } finally {
     frozenHidden?.dispose();
+    (studentLogits as tf.Tensor | null)?.dispose();
     disposeLmConst(lmc);
     for (const c of hc) c?.onehot.dispose();
   }
