@@ -138,6 +138,15 @@ function setup(c: Case, L: ReturnType<typeof load>): Setup {
   };
 }
 
+/** One loss step of a golden case at its settings (dropout 0); `before` = live tensors before the step. */
+function goldenStep(c: Case, trainBackbone: boolean) {
+  const L = load(c);
+  const s = setup(c, L);
+  const before = tf.memory().numTensors;
+  const r = medusa2LossAndGrads(s.decoder, s.backbone, s.heads, s.batch, { lmLoss: c.lm_loss, headsCoefficient: c.heads_coefficient, decay: c.decay, trainBackbone, dropoutSeed: 1 });
+  return { L, s, before, r };
+}
+
 describe.each(['wasm', 'cpu'] as const)('MEDUSA-2 loss on %s', (backendName) => {
   beforeAll(async () => {
     await initBackend(backendName);
@@ -145,12 +154,7 @@ describe.each(['wasm', 'cpu'] as const)('MEDUSA-2 loss on %s', (backendName) => 
 
   describe.each(CASES.map((c) => [c.name, c] as const))('%s', (_n, c) => {
     test('loss, LM term, per-head losses and every trainable gradient match PyTorch within 1e-5 relative; gradients for exactly the trainable params', () => {
-      const L = load(c);
-      const s = setup(c, L);
-      const before = tf.memory().numTensors;
-      const r = medusa2LossAndGrads(s.decoder, s.backbone, s.heads, s.batch, {
-        lmLoss: c.lm_loss, headsCoefficient: c.heads_coefficient, decay: c.decay, trainBackbone: true, dropoutSeed: 1,
-      });
+      const { L, s, before, r } = goldenStep(c, true);
       const relLoss = Math.abs(r.loss - L.f64('loss')[0]) / Math.abs(L.f64('loss')[0]);
       expect(relLoss).toBeLessThan(1e-5);
       expect(Math.abs(r.lmLoss - L.f64('lm_loss')[0]) / Math.abs(L.f64('lm_loss')[0])).toBeLessThan(1e-5);
@@ -174,12 +178,7 @@ describe.each(['wasm', 'cpu'] as const)('MEDUSA-2 loss on %s', (backendName) => 
     });
 
     test('heads warmup: no backbone gradients, no LM term, the heads gradients unchanged', () => {
-      const L = load(c);
-      const s = setup(c, L);
-      const before = tf.memory().numTensors;
-      const r = medusa2LossAndGrads(s.decoder, s.backbone, s.heads, s.batch, {
-        lmLoss: c.lm_loss, headsCoefficient: c.heads_coefficient, decay: c.decay, trainBackbone: false, dropoutSeed: 1,
-      });
+      const { L, s, before, r } = goldenStep(c, false);
       expect(tf.memory().numTensors).toBe(before + r.grads.size);
       expect([...r.grads.keys()].sort()).toEqual([...c.heads].sort());
       expect(r.lmLoss).toBe(0);
