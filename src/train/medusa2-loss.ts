@@ -155,13 +155,27 @@ interface LmConst {
 
 const MASKED = -1e9;
 
+/**
+ * A dense [n, V] float32 matrix with `values[i]` at (i / per, cols[i]) for i over n * per entries, zeros elsewhere
+ * (a scatter: no [n, V] int32 one-hot temporaries; the (row, col) pairs must be distinct).
+ */
+function scatterRows(n: number, V: number, per: number, cols: Int32Array, values: Float32Array): tf.Tensor2D {
+  return tf.tidy(() => {
+    const idx = new Int32Array(2 * cols.length);
+    for (let i = 0; i < cols.length; i++) {
+      idx[2 * i] = Math.floor(i / per);
+      idx[2 * i + 1] = cols[i];
+    }
+    return tf.scatterND(tf.tensor2d(idx, [cols.length, 2], 'int32'), tf.tensor1d(values), [n, V]) as tf.Tensor2D; // [n, V]
+  });
+}
+
 function buildLmConst(decoder: Decoder, b: Medusa2Batch, o: Medusa2LossOptions, rows: Int32Array, tokens: Int32Array): LmConst {
   const V = decoder.config.vocabSize;
   const n = rows.length;
   if (o.lmLoss === 'ce') {
     const labels = Int32Array.from(tokens, (j) => b.ids[j]);
-    // int32 one-hot then cast: tfjs-wasm's OneHot ignores dtype 'float32'.
-    return { onehot: tf.tidy(() => tf.cast(tf.oneHot(tf.tensor1d(labels, 'int32'), V), 'float32') as tf.Tensor2D), constant: 0 };
+    return { onehot: scatterRows(n, V, 1, labels, new Float32Array(n).fill(1)), constant: 0 }; // [n, V]
   }
   const t = b.teacher!;
   if ('logits' in t) {
@@ -197,18 +211,12 @@ function buildLmConst(decoder: Decoder, b: Medusa2Batch, o: Medusa2LossOptions, 
     rest[r] = pr;
     if (pr > 0) constant += pr * Math.log(pr);
   }
-  return tf.tidy(() => {
-    let w: tf.Tensor2D = tf.zeros([n, V]); // [n, V]
-    let m: tf.Tensor2D = tf.zeros([n, V]); // [n, V]
-    for (let i = 0; i < k; i++) {
-      const col = Int32Array.from({ length: n }, (_, r) => ids[r * k + i]);
-      const pc = Float32Array.from({ length: n }, (_, r) => probs[r * k + i]);
-      const oh = tf.cast(tf.oneHot(tf.tensor1d(col, 'int32'), V), 'float32'); // [n, V]
-      w = tf.add(w, tf.mul(oh, tf.tensor2d(pc, [n, 1]))); // [n, V]
-      m = tf.add(m, oh); // [n, V]
-    }
-    return { weights: tf.keep(w), complementMask: tf.keep(tf.mul(m, MASKED) as tf.Tensor2D), rest: tf.keep(tf.tensor1d(rest)), constant };
-  }) as LmConst;
+  return {
+    weights: scatterRows(n, V, k, ids, probs), // [n, V] teacher probability on its top-k ids
+    complementMask: scatterRows(n, V, k, ids, new Float32Array(n * k).fill(MASKED)), // [n, V]
+    rest: tf.tensor1d(rest), // [n]
+    constant,
+  };
 }
 
 function disposeLmConst(c: LmConst | null): void {
@@ -278,7 +286,7 @@ export function medusa2LossAndGrads(decoder: Decoder, backbone: TrainableBackbon
       continue;
     }
     const weight = norm > 0 ? (o.headsCoefficient * Math.pow(o.decay, k)) / norm : 0;
-    hc.push({ rows, weight, onehot: tf.tidy(() => tf.cast(tf.oneHot(tf.tensor1d(labels, 'int32'), V), 'float32') as tf.Tensor2D) }); // [n, V]
+    hc.push({ rows, weight, onehot: scatterRows(rows.length, V, 1, labels, new Float32Array(rows.length).fill(1)) }); // [n, V]
   }
   const lmc = lm && lmValid > 0 ? buildLmConst(decoder, batch, o, lm.rows, lm.tokens) : null;
 
