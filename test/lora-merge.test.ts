@@ -7,9 +7,8 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import * as tf from '@tensorflow/tfjs';
 import { initBackend } from '../src/backend.js';
-import { decoderForward, type Decoder, type ForwardHook, type LinearSite } from '../src/model/decoder.js';
+import { decoderForward, type Decoder, type ForwardHook } from '../src/model/decoder.js';
 import { loadDecoder } from '../src/model/load.js';
 import { writeTinyModel } from '../src/model/tiny.js';
 import { disposeWeights } from '../src/model/weights.js';
@@ -17,6 +16,7 @@ import { Rng } from '../src/model/sampling.js';
 import { openSafetensorsFolder, readTensorF32, writeSafetensors, type WriteTensor } from '../src/io/safetensors.js';
 import { checkAdapters, loraMergeTable, mergeLora, mergeOne, type HostTensor, type LoraMergeSpec } from '../src/train/lora-merge.js';
 import { expectMedusa } from './helpers/errors.js';
+import { adapterHook, randomAdapters } from './helpers/lora.js';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'medusa-lora-merge-'));
 afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -37,37 +37,6 @@ test('hand-made 2x3 example: W + (alpha/r) B A exactly', () => {
   // B A = [[1, 2, 3], [3, -1, 2]]; scale 0.5
   expect(Array.from(mergeOne(W, A2, B2, 2, 3, 2, 0.5))).toEqual([1.5, 3, 4.5, 5.5, 4.5, 7]);
 });
-
-function randomAdapters(rows: ReturnType<typeof loraMergeTable>, r: number, seed: number): Record<string, HostTensor> {
-  const rng = new Rng(seed);
-  const rand = (n: number, s: number) => Float32Array.from({ length: n }, () => (2 * rng.next() - 1) * s);
-  const out: Record<string, HostTensor> = {};
-  for (const row of rows) {
-    out[row.nameA] = { shape: [r, row.inDim], data: rand(r * row.inDim, 1 / Math.sqrt(row.inDim)) };
-    out[row.nameB] = { shape: [row.outDim, r], data: rand(row.outDim * r, 0.05) }; // B != 0: a trained adapter
-  }
-  return out;
-}
-
-/** The adapter model, computed apart from the merge: every adapted projection's output + (x A^T) B^T * alpha/r. */
-function adapterHook(rows: ReturnType<typeof loraMergeTable>, adapters: Record<string, HostTensor>, spec: LoraMergeSpec): ForwardHook {
-  const byModule = new Map<string, { aT: tf.Tensor2D; bT: tf.Tensor2D }>();
-  for (const row of rows) {
-    const A = tf.tensor2d(adapters[row.nameA].data, [spec.rank, row.inDim]); // [r, in]
-    const B = tf.tensor2d(adapters[row.nameB].data, [row.outDim, spec.rank]); // [out, r]
-    byModule.set(row.base, { aT: tf.transpose(A), bT: tf.transpose(B) }); // [in, r], [r, out]
-  }
-  const scale = spec.alpha / spec.rank;
-  const nameOf = (site: LinearSite, layer: number): string =>
-    site === 'lm_head' ? 'lm_head.weight' : `model.layers.${layer}.${['gate_proj', 'up_proj', 'down_proj'].includes(site) ? 'mlp' : 'self_attn'}.${site}.weight`;
-  return {
-    linear: (site, layer, input, output) => {
-      const m = byModule.get(nameOf(site, layer));
-      if (!m) return output;
-      return tf.add(output, tf.mul(tf.matMul(tf.matMul(input, m.aT), m.bT), scale)) as tf.Tensor2D; // [n, out]
-    },
-  };
-}
 
 function logitsOf(decoder: Decoder, ids: number[], B: number, T: number, hook?: ForwardHook): Float32Array {
   const { hidden, logits } = decoderForward(decoder, { ids, batch: B, seqLen: T, logits: 'all', hook });
@@ -116,8 +85,9 @@ describe.each([
     const T = 7;
     const rng = new Rng(99);
     const ids = Array.from({ length: B * T }, () => Math.floor(rng.next() * c.vocabSize));
-    const hook = adapterHook(rows, adapters, spec);
-    const want = logitsOf(decoder, ids, B, T, hook);
+    const adapter = adapterHook(rows, adapters, spec);
+    const want = logitsOf(decoder, ids, B, T, adapter.hook);
+    adapter.dispose();
     const got = logitsOf(mergedModel, ids, B, T);
     const plain = logitsOf(decoder, ids, B, T);
     let maxDiff = 0;

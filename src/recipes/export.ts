@@ -45,7 +45,14 @@ import {
   type RefShape,
 } from '../io/medusa-layouts.js';
 import { Rng } from '../model/sampling.js';
-import { STATE_FILE } from '../train/checkpoint.js';
+import { BACKBONE_FILE, STATE_FILE, loadCheckpoint, type CheckpointTensor } from '../train/checkpoint.js';
+import * as tf from '@tensorflow/tfjs';
+import { decoderForward, type Decoder, type ForwardHook } from '../model/decoder.js';
+import { loadDecoder, openModelFolder } from '../model/load.js';
+import { disposeWeights, expectedTensors } from '../model/weights.js';
+import type { DecoderConfig } from '../model/config.js';
+import { PEFT_PREFIX, checkAdapters, mergeLora, type HostTensor } from '../train/lora-merge.js';
+import { createTrainableBackbone, type BackboneSpec } from '../train/trainable-backbone.js';
 import { VERSION } from '../version.js';
 import { isFile } from '../io/paths.js';
 import { CHOICES_FILE, checkChoicesFile, findChoices, openSource, shapeText, type Source, type SourceKind } from '../eval/heads-source.js';
@@ -601,11 +608,12 @@ export async function runExport(a: ExportArgs): Promise<ExportReport> {
   if (inside(src.protect, out)) fail('E_USAGE', `--out ${out} contains the source ${src.protect}; replacing it would delete what is being exported. Choose another --out`);
 
   if (a.format === 'hf') {
-    if (src.recipe !== 'medusa2') {
+    if (src.recipe !== 'medusa2' || src.kind !== 'checkpoint') {
       fail('E_UNSUPPORTED', `--format hf exports a tuned backbone (MEDUSA-2 runs), but ${src.describe} ${src.kind !== 'checkpoint' ? 'holds heads only' : src.recipe === 'medusa1' ? 'comes from a MEDUSA-1 run' : `comes from a ${src.recipe} run`}: the backbone was frozen: export \`medusa\`/\`vllm\` and use the base model as it is`);
     }
-    fail('E_UNSUPPORTED', `--format hf for MEDUSA-2 runs is not available in this version of medusa-train; export \`medusa\` or \`vllm\``);
+    return exportHf(a, src, out);
   }
+  const format = a.format;
   if (a.format === 'medusa-v2') {
     checkV2Layers(src.shape.numLayers, src.describe);
     if (src.kind === 'checkpoint' && src.shape.lmHead === 'per_head') {
@@ -667,28 +675,15 @@ export async function runExport(a: ExportArgs): Promise<ExportReport> {
   if (trained.baseLmHead && a.format !== 'medusa-v2' && a.format !== 'onnx') checkValues('base lm_head', trained.baseLmHead, sd, base!.dir);
   if (trained.baseLmHead && a.format === 'onnx') checkValues('base lm_head', trained.baseLmHead, 'F32', base!.dir);
 
-  const parent = path.dirname(out);
-  const baseName = path.basename(out);
-  try {
-    fs.mkdirSync(parent, { recursive: true });
-  } catch (e) {
-    fail('E_IO', `cannot create ${parent}: ${describe(e)}`, e);
-  }
-  cleanLeftovers(parent, baseName, out);
-  const tmp = path.join(parent, `.${baseName}.tmp-export-${process.pid}`);
-  const old = path.join(parent, `.${baseName}.old-export-${process.pid}`);
-  let tensors: number;
-  let result: VerifyResult;
-  try {
-    fs.rmSync(tmp, { recursive: true, force: true });
-    fs.mkdirSync(tmp);
+  let tensors = 0;
+  const result = await writeThenRename(out, a.force, async (tmp) => {
     a.log(`export: writing ${a.format} (${dtype}) into ${tmp}`);
     const metadata: Record<string, string> = { [META.format]: 'pt', [META.version]: VERSION, [META.lmHead]: trainedLmHead };
     if (baseModelName !== null) metadata[META.baseModel] = baseModelName;
     const sha = src.baseSha ?? base?.sha;
     if (sha) metadata[META.baseModelSha] = sha;
 
-    if (a.format === 'onnx') {
+    if (format === 'onnx') {
       const m = await loadOnnxHeads();
       const refHeads: Record<string, HostF32> = {};
       for (const row of referenceTable(s)) refHeads[row.name] = trained.heads[row.name];
@@ -705,17 +700,7 @@ export async function runExport(a: ExportArgs): Promise<ExportReport> {
       writeJson(path.join(tmp, CONFIG_FILE), onnxConfig(m, s, baseModelName ?? '', w.externalData));
       tensors = referenceTable(s).length + (s.lmHead === 'shared' ? 1 : 0);
     } else {
-      const layout: HeadsLayout = a.format;
-      const rows = layoutTable(layout, s);
-      const write: Record<string, WriteTensor> = {};
-      for (const row of rows) {
-        const data = refValue(trained, row.reference);
-        if (data.length !== row.shape.reduce((x, y) => x * y, 1)) fail('E_INTERNAL', `${row.reference} has ${data.length} values for [${row.shape}]`);
-        write[row.name] = { dtype: sd, shape: row.shape.slice(), data };
-      }
-      writeSafetensors(path.join(tmp, LAYOUT_WEIGHTS_FILE[layout]), write, metadata);
-      writeJson(path.join(tmp, CONFIG_FILE), layoutConfig(layout, s, baseModelName ?? ''));
-      tensors = rows.length;
+      tensors = writeHeadsLayout(tmp, format, trained, sd, metadata, baseModelName ?? '');
     }
     const tree = findChoices(src);
     if (tree) {
@@ -725,29 +710,10 @@ export async function runExport(a: ExportArgs): Promise<ExportReport> {
     fsyncDir(tmp);
 
     a.log(`export: verifying ${tmp} (file set, config.json, every tensor, logits on ${VERIFY_POSITIONS} positions)`);
-    result = await verifyExport(tmp, a.format, trained, { dtype, baseModelName: baseModelName ?? '' });
-    if (result.tensors !== tensors) fail('E_INTERNAL', `verified ${result.tensors} tensors but wrote ${tensors}`);
-
-    // Into place: an existing folder is moved aside, the new one renamed in, the old one removed.
-    const state = checkOut(out, a.force);
-    if (state !== 'absent') fs.renameSync(out, old);
-    try {
-      fs.renameSync(tmp, out);
-    } catch (e) {
-      if (state !== 'absent') fs.renameSync(old, out);
-      throw e;
-    }
-    fsyncDir(parent);
-    if (state !== 'absent') fs.rmSync(old, { recursive: true, force: true });
-  } catch (e) {
-    try {
-      fs.rmSync(tmp, { recursive: true, force: true });
-    } catch {
-      /* removed by the next export to this folder */
-    }
-    if (e instanceof MedusaError) throw e;
-    fail('E_IO', `cannot write the export ${out}: ${describe(e)}; check that the folder is writable and has free space`, e);
-  }
+    const r = await verifyExport(tmp, format, trained, { dtype, baseModelName: baseModelName ?? '' });
+    if (r.tensors !== tensors) fail('E_INTERNAL', `verified ${r.tensors} tensors but wrote ${tensors}`);
+    return r;
+  });
   a.log(
     `export: verified ${result.tensors} tensors and config.json; logits on ${result.verifiedPositions} positions: max |diff| ${result.maxAbsDiff}` +
       `${result.bound > 0 ? ` (allowed ${result.bound.toPrecision(3)})` : ''}`,
@@ -767,6 +733,267 @@ export async function runExport(a: ExportArgs): Promise<ExportReport> {
   };
 }
 
+/** Write heads in a layout (weights file + config.json) into `dir`; returns the number of tensors. */
+function writeHeadsLayout(dir: string, layout: HeadsLayout, trained: TrainedHeads, sd: DType, metadata: Record<string, string>, baseModelName: string): number {
+  const rows = layoutTable(layout, trained.shape);
+  const write: Record<string, WriteTensor> = {};
+  for (const row of rows) {
+    const data = refValue(trained, row.reference);
+    if (data.length !== row.shape.reduce((x, y) => x * y, 1)) fail('E_INTERNAL', `${row.reference} has ${data.length} values for [${row.shape}]`);
+    write[row.name] = { dtype: sd, shape: row.shape.slice(), data };
+  }
+  writeSafetensors(path.join(dir, LAYOUT_WEIGHTS_FILE[layout]), write, metadata);
+  writeJson(path.join(dir, CONFIG_FILE), layoutConfig(layout, trained.shape, baseModelName));
+  return rows.length;
+}
+
+/**
+ * Fill a temporary folder beside `out` (`fill` writes and verifies it), then move it into place: an
+ * existing `out` (with force) is moved aside, the new folder renamed in, the old one removed. A failure
+ * at any point leaves nothing under `out`'s name (and an old `out` where it was).
+ */
+async function writeThenRename<T>(out: string, force: boolean, fill: (tmp: string) => Promise<T>): Promise<T> {
+  const parent = path.dirname(out);
+  const baseName = path.basename(out);
+  try {
+    fs.mkdirSync(parent, { recursive: true });
+  } catch (e) {
+    fail('E_IO', `cannot create ${parent}: ${describe(e)}`, e);
+  }
+  cleanLeftovers(parent, baseName, out);
+  const tmp = path.join(parent, `.${baseName}.tmp-export-${process.pid}`);
+  const old = path.join(parent, `.${baseName}.old-export-${process.pid}`);
+  try {
+    fs.rmSync(tmp, { recursive: true, force: true });
+    fs.mkdirSync(tmp);
+    const r = await fill(tmp);
+    const state = checkOut(out, force);
+    if (state !== 'absent') fs.renameSync(out, old);
+    try {
+      fs.renameSync(tmp, out);
+    } catch (e) {
+      if (state !== 'absent') fs.renameSync(old, out);
+      throw e;
+    }
+    fsyncDir(parent);
+    if (state !== 'absent') fs.rmSync(old, { recursive: true, force: true });
+    return r;
+  } catch (e) {
+    try {
+      fs.rmSync(tmp, { recursive: true, force: true });
+    } catch {
+      /* removed by the next export to this folder */
+    }
+    if (e instanceof MedusaError) throw e;
+    fail('E_IO', `cannot write the export ${out}: ${describe(e)}; check that the folder is writable and has free space`, e);
+  }
+}
+
 function writeJson(file: string, value: unknown): void {
   writeFileAtomic(file, [Buffer.from(`${JSON.stringify(value, null, 2)}\n`, 'utf8')]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// hf: a MEDUSA-2 run's tuned model as a Hugging Face folder, with its heads
+// ---------------------------------------------------------------------------------------------
+
+/** Files of the base model copied into an hf export byte for byte, when the base has them. */
+export const HF_COPIED_FILES = [
+  'generation_config.json',
+  'tokenizer.json',
+  'tokenizer_config.json',
+  'special_tokens_map.json',
+  'tokenizer.model',
+  'vocab.json',
+  'merges.txt',
+  'added_tokens.json',
+  'chat_template.jinja',
+] as const;
+export const HF_WEIGHTS_FILE = 'model.safetensors';
+/** The heads' folder inside an hf export (the `medusa` layout). */
+export const HF_HEADS_DIR = 'medusa';
+/** Logits of an f32 hf export vs the adapter model: |diff| <= this x max(1, max |logit|). */
+export const HF_LOGITS_TOL = 1e-5;
+/** f16 / bf16 exports: a coarse check that every tensor is in its place (the rounding itself is checked bit for bit). */
+const HF_LOGITS_TOL_ROUNDED: Record<ExportDtype, number> = { f32: HF_LOGITS_TOL, f16: 1e-2, bf16: 5e-2 };
+const HF_VERIFY_ROWS = 2;
+const HF_VERIFY_LEN = 8;
+
+/** What a MEDUSA-2 checkpoint's state.json says about its backbone (written by src/recipes/medusa2.ts). */
+function medusa2Spec(state: Record<string, unknown>, stateFile: string): BackboneSpec {
+  const bad = (key: string, want: string): never => fail('E_CONFIG', `${stateFile}: state.${key} must be ${want}, got ${JSON.stringify(state[key]) ?? 'nothing'}; the checkpoint was not written by a medusa-train that can export it`);
+  const mode = state['backbone_mode'];
+  const emb = state['train_embeddings'];
+  if (typeof emb !== 'boolean') bad('train_embeddings', 'true or false');
+  if (mode === 'full') {
+    const n = state['full_last_layers'];
+    if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 1) bad('full_last_layers', 'an integer >= 1');
+    return { mode: 'full', lastLayers: n as number, trainEmbeddings: emb as boolean };
+  }
+  if (mode !== 'lora') bad('backbone_mode', '"lora" or "full"');
+  const l = state['lora'];
+  if (typeof l !== 'object' || l === null || Array.isArray(l)) bad('lora', 'an object {rank, alpha, dropout, targets}');
+  const lo = l as Record<string, unknown>;
+  const rank = lo['rank'];
+  const alpha = lo['alpha'];
+  const dropout = lo['dropout'] ?? 0;
+  const targets = lo['targets'];
+  if (typeof rank !== 'number' || typeof alpha !== 'number' || typeof dropout !== 'number' || !Array.isArray(targets) || !targets.every((t) => typeof t === 'string')) {
+    bad('lora', 'an object {rank: number, alpha: number, dropout: number, targets: string[]}');
+  }
+  return { mode: 'lora', rank: rank as number, alpha: alpha as number, dropout: dropout as number, targets: targets as string[], trainEmbeddings: emb as boolean };
+}
+
+/** Logits [B*T*V] of a decoder (with a hook made inside the tidy) on the verification ids. */
+function hfLogits(decoder: Decoder, ids: number[], makeHook?: () => ForwardHook): Float32Array {
+  const t = tf.tidy(() => {
+    const { hidden, logits } = decoderForward(decoder, { ids, batch: HF_VERIFY_ROWS, seqLen: ids.length / HF_VERIFY_ROWS, logits: 'all', hook: makeHook?.() });
+    hidden.dispose();
+    return logits!; // [B, T, V]
+  });
+  try {
+    return Float32Array.from(t.dataSync() as Float32Array);
+  } finally {
+    t.dispose();
+  }
+}
+
+/**
+ * `export --format hf`: the base model with the run's tuned backbone (LoRA merged: W + alpha/r B A; or the
+ * tuned tensors of full mode) as a Hugging Face folder, plus the heads in `medusa/` (medusa layout whose
+ * base_model_name_or_path is this folder). Verified before it is moved into place: file set, config.json,
+ * copied files byte for byte, every tensor against the merged value rounded to the dtype, the heads as the
+ * medusa export is verified, and the logits of the reloaded folder against the adapter model's (the base
+ * decoder with the checkpoint's trainable backbone, as training computed it).
+ */
+async function exportHf(a: ExportArgs, src: Source, out: string): Promise<ExportReport> {
+  const ck = loadCheckpoint(src.dir);
+  const stateFile = path.join(src.dir, STATE_FILE);
+  const bbFile = path.join(src.dir, BACKBONE_FILE);
+  if (!ck.backbone) fail('E_IO', `${bbFile} is missing: ${src.describe} is a MEDUSA-2 checkpoint without its tuned backbone; export another checkpoint of the run`);
+  const spec = medusa2Spec(ck.state, stateFile);
+  const base = resolveBase(src, a.baseModel);
+  if (base === null) fail('E_CONFIG', `the base model of ${src.describe} cannot be found; pass it with --base-model`);
+  if (inside(base.dir, out)) fail('E_USAGE', `--out ${out} contains the base model ${base.dir}; choose another --out`);
+  a.log(`export: base model ${base.dir} (config.json sha256 ${base.sha.slice(0, 12)}…), backbone ${spec.mode === 'lora' ? `LoRA rank ${spec.rank}, alpha ${spec.alpha} on ${spec.targets.join(', ')}` : `last ${spec.lastLayers} layer(s) tuned`}${spec.trainEmbeddings ? ' + embeddings' : ''}`);
+  const folder = openModelFolder(base.dir);
+  const c: DecoderConfig = folder.config;
+
+  // The checkpoint's tensors: PEFT adapters, and tuned tensors under their Hugging Face names.
+  const adapters: Record<string, HostTensor> = {};
+  const tuned = new Map<string, CheckpointTensor>();
+  for (const [name, t] of Object.entries(ck.backbone)) {
+    if (name.startsWith(PEFT_PREFIX)) adapters[name] = t;
+    else tuned.set(name, t);
+  }
+  if (spec.mode === 'lora') checkAdapters(adapters, c, spec, bbFile);
+  else if (Object.keys(adapters).length > 0) fail('E_MODEL', `${bbFile} holds LoRA adapters (${Object.keys(adapters)[0]}, ...) but state.backbone_mode is "full"; the checkpoint is inconsistent, export another one`);
+  const expected = expectedTensors(c);
+  const shapeOf = new Map(expected.map((e) => [e.name, e.shape]));
+  for (const [name, t] of tuned) {
+    const want = shapeOf.get(name);
+    if (want === undefined) fail('E_MODEL', `${bbFile}: tensor ${name} is neither a LoRA adapter nor a tensor of the base model (${c.architecture}); the checkpoint does not belong to ${base.dir}`);
+    if (t.shape.join(',') !== want.join(',')) fail('E_MODEL', `${bbFile}: tensor ${name} is [${t.shape.join(', ')}] but the base model's is [${want.join(', ')}]; the checkpoint does not belong to ${base.dir}`);
+  }
+
+  // The merged model: base tensors, the tuned ones replaced, the adapters merged into what they adapt.
+  const baseTensor = (name: string): HostTensor => {
+    const t = tuned.get(name);
+    if (t) return t;
+    const info = folder.shards.tensors.get(name);
+    if (!info) fail('E_MODEL', `base model ${base.dir} has no tensor ${name}`);
+    return { shape: info.shape.slice(), data: readTensorF32(info) };
+  };
+  const current = (name: string): HostTensor => (name === 'lm_head.weight' && c.tieWordEmbeddings ? baseTensor('model.embed_tokens.weight') : baseTensor(name));
+  const { merged, untiedLmHead } = spec.mode === 'lora' ? mergeLora(current, adapters, c, spec, bbFile) : { merged: new Map<string, HostTensor>(), untiedLmHead: false };
+  const names = [...expected.map((e) => e.name), ...(untiedLmHead ? ['lm_head.weight'] : [])];
+  const finalTensors = new Map<string, HostTensor>();
+  for (const n of names) finalTensors.set(n, merged.get(n) ?? current(n));
+
+  const dtype: ExportDtype = a.dtype ?? base.torchDtype ?? 'f32';
+  const sd = DTYPE_OF[dtype];
+  for (const [n, t] of finalTensors) checkValues(n, t.data, sd, src.describe);
+  const trained: TrainedHeads = { heads: src.heads, shape: src.shape, baseLmHead: src.shape.lmHead === 'shared' ? readBaseLmHead(base, src.shape) : null };
+  for (const row of referenceTable(trained.shape)) checkValues(row.name, trained.heads[row.name].data, sd, src.describe);
+  const configText = untiedLmHead ? `${JSON.stringify({ ...folder.rawConfig, tie_word_embeddings: false }, null, 2)}\n` : fs.readFileSync(path.join(base.dir, CONFIG_FILE), 'utf8');
+  if (untiedLmHead) a.log('export: lm_head was adapted on a model with tied embeddings: the export has its own lm_head.weight and tie_word_embeddings false');
+  const copied = HF_COPIED_FILES.filter((f) => isFile(path.join(base.dir, f)));
+
+  // The adapter model, as training computed it.
+  const ref = loadDecoder(base.dir).decoder;
+  const backbone = createTrainableBackbone(ref, spec, 0);
+  let exported: Decoder | null = null;
+  try {
+    backbone.importTensors(ck.backbone, bbFile);
+    const rng = new Rng(VERIFY_SEED);
+    const T = Math.min(HF_VERIFY_LEN, c.maxPositionEmbeddings);
+    const ids = Array.from({ length: HF_VERIFY_ROWS * T }, () => Math.floor(rng.next() * c.vocabSize));
+    const want = hfLogits(ref, ids, () => backbone.hook(null));
+
+    let heads = 0;
+    const result = await writeThenRename(out, a.force, async (tmp) => {
+      a.log(`export: writing hf (${dtype}) into ${tmp}`);
+      fs.writeFileSync(path.join(tmp, CONFIG_FILE), configText);
+      const write: Record<string, WriteTensor> = {};
+      for (const [n, t] of finalTensors) write[n] = { dtype: sd, shape: t.shape.slice(), data: t.data };
+      writeSafetensors(path.join(tmp, HF_WEIGHTS_FILE), write, { format: 'pt' });
+      for (const f of copied) fs.copyFileSync(path.join(base.dir, f), path.join(tmp, f));
+      const headsDir = path.join(tmp, HF_HEADS_DIR);
+      fs.mkdirSync(headsDir);
+      const meta: Record<string, string> = { [META.format]: 'pt', [META.version]: VERSION, [META.lmHead]: trained.shape.lmHead, [META.baseModel]: out, [META.baseModelSha]: sha256File(path.join(tmp, CONFIG_FILE)) };
+      heads = writeHeadsLayout(headsDir, 'medusa', trained, sd, meta, out);
+      const tree = findChoices(src);
+      if (tree) writeJson(path.join(headsDir, CHOICES_FILE), tree.choices);
+      fsyncDir(headsDir);
+      fsyncDir(tmp);
+
+      a.log(`export: verifying ${tmp} (file set, config.json, copied files, ${finalTensors.size} tensors, heads, logits on ${ids.length} positions)`);
+      const problems: string[] = [];
+      const files = listFiles(tmp);
+      const wantFiles = [CONFIG_FILE, HF_WEIGHTS_FILE, HF_HEADS_DIR, ...copied].sort();
+      if (files.join('\n') !== wantFiles.join('\n')) problems.push(`${tmp} holds ${files.join(', ')}, expected ${wantFiles.join(', ')}`);
+      const cfgGot = JSON.stringify(readJsonFile(path.join(tmp, CONFIG_FILE)));
+      const cfgWant = JSON.stringify(untiedLmHead ? { ...folder.rawConfig, tie_word_embeddings: false } : folder.rawConfig);
+      if (cfgGot !== cfgWant) problems.push(`${path.join(tmp, CONFIG_FILE)} differs from the base model's config.json`);
+      for (const f of copied) if (!fs.readFileSync(path.join(tmp, f)).equals(fs.readFileSync(path.join(base.dir, f)))) problems.push(`${path.join(tmp, f)} differs from ${path.join(base.dir, f)}`);
+      const header = readHeader(path.join(tmp, HF_WEIGHTS_FILE));
+      if (header.tensors.size !== finalTensors.size) problems.push(`${HF_WEIGHTS_FILE} holds ${header.tensors.size} tensors, expected ${finalTensors.size}`);
+      for (const [n, t] of finalTensors) {
+        const info = header.tensors.get(n);
+        if (!info) problems.push(`${HF_WEIGHTS_FILE}: tensor ${n} is missing`);
+        else if (info.dtype !== sd || info.shape.join(',') !== t.shape.join(',')) problems.push(`${HF_WEIGHTS_FILE}: tensor ${n} is ${info.dtype} [${info.shape.join(', ')}], expected ${sd} [${t.shape.join(', ')}]`);
+        else {
+          const i = sameBits(readTensorF32(info), rounded(t.data, sd));
+          if (i >= 0) problems.push(`${HF_WEIGHTS_FILE}: tensor ${n} element ${i} is not the merged value stored as ${sd}`);
+        }
+        if (problems.length >= 30) break;
+      }
+      if (problems.length > 0) verifyFail(tmp, problems);
+      const hr = await verifyExport(headsDir, 'medusa', trained, { dtype, baseModelName: out });
+      if (hr.tensors !== heads) fail('E_INTERNAL', `verified ${hr.tensors} head tensors but wrote ${heads}`);
+
+      // The reloaded folder's logits against the adapter model's.
+      exported = loadDecoder(tmp).decoder;
+      const got = hfLogits(exported, ids);
+      let scale = 1;
+      for (const v of want) scale = Math.max(scale, Math.abs(v));
+      const bound = HF_LOGITS_TOL_ROUNDED[dtype] * scale;
+      let maxAbsDiff = 0;
+      for (let i = 0; i < want.length; i++) {
+        const diff = Math.abs(want[i] - got[i]);
+        if (!(diff <= bound)) {
+          fail('E_MODEL', `export verification failed for ${tmp}: position ${Math.floor(i / c.vocabSize)}, token ${i % c.vocabSize}: the exported model gives logit ${got[i]}, the adapter model ${want[i]} (|diff| ${diff} > allowed ${bound}); the merge is wrong, nothing was written to its final place`);
+        }
+        maxAbsDiff = Math.max(maxAbsDiff, diff);
+      }
+      return { files, tensors: finalTensors.size + heads, maxAbsDiff, bound, verifiedPositions: ids.length };
+    });
+    a.log(`export: verified ${result.tensors} tensors (model ${finalTensors.size}, heads ${heads}), config.json and ${copied.length} copied file(s); logits on ${result.verifiedPositions} positions vs the adapter model: max |diff| ${result.maxAbsDiff} (allowed ${result.bound.toPrecision(3)})`);
+    a.log(`export: wrote ${out} (heads in ${path.join(out, HF_HEADS_DIR)})`);
+    return { out, format: 'hf', dtype, files: listFiles(out), tensors: result.tensors, maxAbsDiff: result.maxAbsDiff, bound: result.bound, verifiedPositions: result.verifiedPositions, sourceKind: src.kind, warnings: src.warnings };
+  } finally {
+    backbone.dispose();
+    disposeWeights(ref.weights);
+    if (exported !== null) disposeWeights((exported as Decoder).weights);
+  }
 }
