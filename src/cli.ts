@@ -234,12 +234,13 @@ export function buildProgram(io: Io = defaultIo): Command {
 
   program
     .command('demo')
-    .description('The whole embedded pipeline, no downloads: distill the built-in prompts with the embedded model, then train MEDUSA-1 heads')
-    .option('--out <dir>', 'where the dataset and run go', 'runs/demo')
+    .description('The whole toolkit on the embedded structured model, no downloads: distill prompts, train MEDUSA-1 heads, evaluate them (trees, Medusa vs plain decoding), export them')
+    .option('--out <dir>', 'where the datasets, run, eval report and exports go (rerun to resume)', 'runs/demo')
+    .option('--quick', 'a shortened variant (fewer training prompts, fewer epochs and budgets), as CI runs it; use its own --out')
     .option('--no-progress', 'no progress bar or progress lines')
-    .action(async (o: { out: string; progress: boolean }) => {
+    .action(async (o: { out: string; quick?: boolean; progress: boolean }) => {
       const s = await withStopSignals(io, 'stopping after the current shard or step (rerun to resume)', (shouldStop) =>
-        runDemo({ out: o.out, log: (line) => io.err(line), shouldStop, progress: (label, unit) => createProgress({ label, unit, isTTY: !!process.stderr.isTTY, log: (line) => io.err(line), enabled: o.progress }) }));
+        runDemo({ out: o.out, quick: !!o.quick, log: (line) => io.err(line), shouldStop, progress: (label, unit) => createProgress({ label, unit, isTTY: !!process.stderr.isTTY, log: (line) => io.err(line), enabled: o.progress }) }));
       io.out(s);
     });
 

@@ -176,48 +176,67 @@ describe('train and demo through the CLI', () => {
     expectCleanError(r, 'E_CONFIG', 'train.lr', 'train.shedule', 'schedule', 'heads.num_heads', 'data.batch_size', 'data.train');
   });
 
-  test('demo runs the embedded pipeline and prints per-head accuracies; a rerun resumes both stages', async () => {
+  test('demo --quick: the structured-model pipeline end to end; heads above 1.5 tokens/step, Medusa == greedy, exports verified; a rerun resumes', async () => {
+    // the committed training prompts are exactly what scripts/demo-prompts.ts writes
+    const { demoTrainPromptLines } = await import('../src/recipes/demo.js');
+    expect(fs.readFileSync(path.resolve('data', 'prompts', 'structured-train.jsonl'), 'utf8')).toBe(`${demoTrainPromptLines().join('\n')}\n`);
     const out = path.join(tmp, 'demo');
-    const r = await run('demo', '--out', out, '--no-progress');
+    const model = path.resolve('assets', 'structured-model');
+    const r = await run('demo', '--quick', '--out', out, '--no-progress');
     expect(r.code).toBe(0);
-    expect(r.out).toMatch(/accounting: 32 written \+ 0 failed \+ 0 skipped = 32 of 32 input/);
-    expect(r.out).toMatch(/head 0: loss [\d.]+ {2}top-1 [\d.]+%/);
-    expect(r.out).toMatch(/head 2: loss/);
-    const again = await run('demo', '--out', out, '--no-progress');
-    expect(again.code).toBe(0);
-    expect(again.out).toContain('generated 0 tokens this run');
-    expect(again.err).toMatch(/resumed from .*step-\d+/);
-    // eval with real Medusa decoding on the demo run: the heads learned the model's own (repetitive) greedy output
-    const ev = await run('eval', '--run', path.join(out, 'medusa1'), '--budgets', '4,8', '--speed', '3', '--new-tokens', '24', '--json');
-    expect(ev.code).toBe(0);
-    const rep = JSON.parse(ev.out);
+    expect(r.out).toMatch(/accounting: 192 written \+ 0 failed \+ 0 skipped = 192 of 192 input/); // training prompts (--quick: the first 192)
+    expect(r.out).toMatch(/accounting: 64 written \+ 0 failed \+ 0 skipped = 64 of 64 input/); // held-out prompts
+    expect(r.out).toMatch(/head 3: loss [\d.]+ {2}top-1 [\d.]+%/);
+    // eval on the 64 held-out prompts (every task), with real Medusa decoding against plain greedy decoding
+    const saved = JSON.parse(fs.readFileSync(path.join(out, 'eval-report.json'), 'utf8'));
+    const rep = saved.report;
+    expect(saved.checkpoint).toBe(rep.checkpoint);
+    expect(rep.conversations).toBe(64);
+    expect(rep.speed.prompts).toBe(64);
+    expect(rep.speed.rows.map((row: { budget: number }) => row.budget)).toEqual([2, 4, 8]);
     for (const row of rep.speed.rows) {
-      expect(row.sameTokens).toBe(true); // Medusa greedy == plain greedy
+      expect(row.sameTokens).toBe(true); // Medusa greedy == plain greedy on every prompt
       expect(row.measuredTokensPerStep).toBeGreaterThan(1.5);
-      // stated tolerance: measured within 0.5 tokens/step of the tree search's expectation (independent heads assumed)
-      expect(Math.abs(row.measuredTokensPerStep - row.expectedTokensPerStep)).toBeLessThan(0.5);
+      // Stated tolerance: measured within 15% of the tree search's expected value. The expectation assumes
+      // independent heads and weighs every position of the teacher-forced answers alike; decoding steps start
+      // only after accepted runs and the last step of an answer is cut short. Observed on this machine:
+      // measured - expected from -0.15 to +0.21 tokens/step (at most 9% of expected; -4% to -5% on this --quick run).
+      expect(Math.abs(row.measuredTokensPerStep - row.expectedTokensPerStep)).toBeLessThan(0.15 * row.expectedTokensPerStep);
     }
-    expect(fs.existsSync(path.join(out, 'medusa1', 'medusa_choices.json'))).toBe(true);
+    // the tree that decoded fastest is the run's medusa_choices.json
+    const tree = JSON.parse(fs.readFileSync(path.join(out, 'medusa1', 'medusa_choices.json'), 'utf8'));
+    expect(rep.chosen.budget).toBe(rep.speed.best.budget);
+    expect(tree).toEqual(rep.chosen.choices);
     const svg = fs.readFileSync(path.join(out, 'medusa1', 'eval', 'speed.svg'), 'utf8');
     expect(svg.startsWith('<svg')).toBe(true);
     for (const label of ['expected tokens/step', 'measured tokens/step', 'wall-clock speedup', 'tree nodes (budget)']) expect(svg).toContain(label);
-    // generate --medusa gives plain greedy's tokens in fewer steps
-    const gm = JSON.parse((await run('generate', '--medusa', path.join(out, 'medusa1'), '--chat', '--prompt', 'Tell me about bees.', '--max-new-tokens', '20', '--json')).out);
-    const gp = JSON.parse((await run('generate', '--chat', '--prompt', 'Tell me about bees.', '--max-new-tokens', '20', '--json')).out);
+    // exports: written only after reloading them reproduced the trained heads' logits; they carry the tree
+    for (const f of ['medusa', 'onnx']) expect(r.out).toContain(`to ${path.join(out, `export-${f}`)} in the ${f} layout; verified on 8 positions`);
+    expect(fs.existsSync(path.join(out, 'export-onnx', 'heads.onnx'))).toBe(true);
+    for (const f of ['export-medusa', 'export-onnx']) expect(JSON.parse(fs.readFileSync(path.join(out, f, 'medusa_choices.json'), 'utf8'))).toEqual(tree);
+    expect(r.out).toContain(`eval report: ${path.join(out, 'eval-report.json')}`);
+    // a rerun resumes every stage: nothing generated, training resumed at its last step, eval and exports reused
+    const again = await run('demo', '--quick', '--out', out, '--no-progress');
+    expect(again.code).toBe(0);
+    expect(again.out.match(/generated 0 tokens this run/g)).toHaveLength(2);
+    expect(again.err).toMatch(/resumed from .*step-\d+/);
+    expect(again.err).toContain(`reusing ${path.join(out, 'eval-report.json')}`);
+    expect(again.err).toContain(`reusing ${path.join(out, 'export-onnx')}`);
+    // generate --medusa on the structured model gives plain greedy's tokens in fewer steps
+    const gen = async (...extra: string[]): Promise<{ outputs: { tokens: number[] }[]; medusa: { tokensPerStep: number } }> =>
+      JSON.parse((await run('generate', '--model', model, '--chat', '--prompt', 'Count from 5 to 40.', '--max-new-tokens', '48', '--json', ...extra)).out);
+    const gm = await gen('--medusa', path.join(out, 'medusa1'));
+    const gp = await gen();
     expect(gm.outputs[0].tokens).toEqual(gp.outputs[0].tokens);
     expect(gm.medusa.tokensPerStep).toBeGreaterThan(1.5);
-    // the calibrated tree travels with the export, and through a conversion
-    const ex = await run('export', '--run', path.join(out, 'medusa1'), '--format', 'medusa', '--out', path.join(out, 'export-medusa'));
-    expect(ex.code).toBe(0);
-    const tree = JSON.parse(fs.readFileSync(path.join(out, 'medusa1', 'medusa_choices.json'), 'utf8'));
-    expect(JSON.parse(fs.readFileSync(path.join(out, 'export-medusa', 'medusa_choices.json'), 'utf8'))).toEqual(tree);
+    // the calibrated tree travels through a conversion of the demo's export
     expect((await run('export', '--run', path.join(out, 'export-medusa'), '--format', 'vllm', '--out', path.join(out, 'export-vllm'))).code).toBe(0);
     expect(JSON.parse(fs.readFileSync(path.join(out, 'export-vllm', 'medusa_choices.json'), 'utf8'))).toEqual(tree);
     // heads trained on another base model are refused
     expect((await run('tiny', '--out', path.join(tmp, 'other-base'), '--arch', 'qwen3')).code).toBe(0);
     const other = await run('generate', '--model', path.join(tmp, 'other-base'), '--medusa', path.join(out, 'medusa1'), '--prompt', 'hi');
     expectCleanError(other, 'E_CONFIG', 'another base model');
-  }, 120_000);
+  }, 300_000);
 });
 
 test.each(['0', '1'])('the built bin (dist/src/bin.js, what `npx medusa-train` runs) is executable and answers (MEDUSA_TRAIN_NO_REEXEC=%s)', (noReexec) => {
