@@ -87,7 +87,7 @@ describe('configs/', () => {
   const files = fs.readdirSync(CONFIGS).filter((f) => f.endsWith('.yaml'));
 
   test('the documented recipes are there', () => {
-    expect(files.sort()).toEqual(['llama-3.1-8b.yaml', 'medusa2-tiny.yaml', 'qwen2.5-0.5b.yaml', 'tiny.yaml', 'vicuna-7b.yaml']);
+    expect(files.sort()).toEqual(['demo.yaml', 'llama-3.1-8b.yaml', 'medusa2-tiny.yaml', 'qwen2.5-0.5b.yaml', 'tiny.yaml', 'vicuna-7b.yaml']);
   });
 
   test.each(files)('%s loads, validates, and lists every key with a comment', (name) => {
