@@ -129,6 +129,10 @@ describe.each([
     expect(JSON.parse(fs.readFileSync(path.join(headsDir, 'config.json'), 'utf8'))).toEqual({ medusa_num_heads: 2, medusa_num_layers: 1, base_model_name_or_path: out, hidden_size: 64, vocab_size: run.decoder.config.vocabSize });
     const hs = openHeadsSource(headsDir, { dir: out, configHash: sha256File(path.join(out, 'config.json')), hiddenSize: 64, vocabSize: run.decoder.config.vocabSize });
     expect(hs.baseCheck).toBe('config-sha256');
+    // the exported model folder itself is accepted as a heads source (its heads are found in medusa/)
+    const top = openHeadsSource(out, { dir: out, configHash: sha256File(path.join(out, 'config.json')), hiddenSize: 64, vocabSize: run.decoder.config.vocabSize });
+    expect(top.dir).toBe(headsDir);
+    expect(top.heads).toEqual(hs.heads);
     const header = readHeader(path.join(headsDir, 'medusa_lm_head.safetensors'));
     for (const [name, t] of Object.entries(run.heads)) expect([name, Array.from(readTensorF32(header.tensors.get(name)!)).every((v, i) => v === t.data[i])]).toEqual([name, true]);
     disposeWeights(exported.weights);

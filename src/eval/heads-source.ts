@@ -33,6 +33,9 @@ import { TREE_LIMITS, validateChoices, type MedusaChoices } from './tree.js';
 
 export type SourceKind = 'checkpoint' | HeadsLayout;
 
+/** Where `export --format hf` puts the heads (medusa layout) inside the exported model folder. */
+export const HF_HEADS_SUBDIR = 'medusa';
+
 export function shapeText(s: RefShape): string {
   return `${s.numHeads} heads x ${s.numLayers} layer(s), hidden ${s.hiddenSize}, vocabulary ${s.vocabSize}, lm_head ${s.lmHead}`;
 }
@@ -166,6 +169,9 @@ export function openSource(run: string): Source {
     if (latest === null) fail('E_IO', `${path.join(abs, 'checkpoints')} holds no complete checkpoint (step-N with heads.safetensors, optimizer.safetensors and state.json); train first`);
     return openCheckpoint(latest, abs);
   }
+  // an `export --format hf` folder: the tuned model at the top level, its heads in medusa/
+  const inner = path.join(abs, HF_HEADS_SUBDIR);
+  if (isFile(path.join(abs, CONFIG_FILE)) && (isFile(path.join(inner, LAYOUT_WEIGHTS_FILE.medusa)) || isFile(path.join(inner, LAYOUT_WEIGHTS_FILE.vllm)))) return openSource(inner);
   if (isFile(path.join(abs, LAYOUT_WEIGHTS_FILE.medusa)) || isFile(path.join(abs, LAYOUT_WEIGHTS_FILE.vllm)) || isFile(path.join(abs, 'medusa_lm_head.pt'))) {
     const f = readLayoutFolder(abs);
     const baseIsLocal = f.baseModel !== null && isFile(path.join(path.resolve(f.baseModel), CONFIG_FILE));

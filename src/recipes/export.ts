@@ -55,7 +55,7 @@ import { PEFT_PREFIX, checkAdapters, mergeLora, type HostTensor } from '../train
 import { createTrainableBackbone, type BackboneSpec } from '../train/trainable-backbone.js';
 import { VERSION } from '../version.js';
 import { isFile } from '../io/paths.js';
-import { CHOICES_FILE, checkChoicesFile, findChoices, openSource, shapeText, type Source, type SourceKind } from '../eval/heads-source.js';
+import { CHOICES_FILE, HF_HEADS_SUBDIR, checkChoicesFile, findChoices, openSource, shapeText, type Source, type SourceKind } from '../eval/heads-source.js';
 
 export type ExportFormat = 'medusa' | 'medusa-v2' | 'vllm' | 'onnx' | 'hf';
 export const EXPORT_FORMATS: readonly ExportFormat[] = ['medusa', 'medusa-v2', 'vllm', 'onnx', 'hf'];
@@ -811,7 +811,7 @@ export const HF_COPIED_FILES = [
 ] as const;
 export const HF_WEIGHTS_FILE = 'model.safetensors';
 /** The heads' folder inside an hf export (the `medusa` layout). */
-export const HF_HEADS_DIR = 'medusa';
+export const HF_HEADS_DIR = HF_HEADS_SUBDIR;
 /** Logits of an f32 hf export vs the adapter model: |diff| <= this x max(1, max |logit|). */
 export const HF_LOGITS_TOL = 1e-5;
 /** f16 / bf16 exports: a coarse check that every tensor is in its place (the rounding itself is checked bit for bit). */
