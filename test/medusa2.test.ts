@@ -18,7 +18,7 @@ import { runDistill } from '../src/recipes/distill.js';
 import { loadTrainConfig } from '../src/config.js';
 import { runMedusa1 } from '../src/recipes/medusa1.js';
 import { runMedusa2 } from '../src/recipes/medusa2.js';
-import { readHeader, readTensor } from '../src/io/safetensors.js';
+import { readHeader, readTensor, writeSafetensors } from '../src/io/safetensors.js';
 import { MedusaError } from '../src/errors.js';
 import * as tf from '@tensorflow/tfjs';
 import { runExport } from '../src/recipes/export.js';
@@ -218,6 +218,36 @@ test('MEDUSA-2 reaches a higher head-0 accuracy than MEDUSA-1 at the same step b
   expect(gates.map((g) => g.step)).toEqual([20]);
   console.log(`head-0 top-1 on held-out data after 20 steps: MEDUSA-1 ${acc1.toFixed(3)}, MEDUSA-2 ${acc2.toFixed(3)}; gate KL ${m2.gate!.meanKl.toExponential(2)}, agreement ${m2.gate!.agreement.toFixed(3)}, ppl ratio ${m2.gate!.pplRatio.toFixed(4)}`);
 }, 600_000);
+
+test('heads from a MEDUSA-1 run (medusa2.init_heads): evaluated on the still-frozen backbone they score what MEDUSA-1 scored; a shape mismatch is refused', async () => {
+  const m1 = JSON.parse(fs.readFileSync(path.join(tmp, 'key-m1', 'summary.json'), 'utf8'));
+  const sets = ['data.batch_size=8', 'data.eval_fraction=0.125', `medusa2.init_heads=${path.join(tmp, 'key-m1')}`, 'train.max_steps=1', 'medusa2.heads_warmup_steps=1',
+    'train.lr=1e-12', 'medusa2.heads_lr_multiplier=1', 'train.warmup_ratio=0'];
+  const logs: string[] = [];
+  const s = await runMedusa2({ config: m2config('from-m1', ...sets), commandLine: ['test'], resume: false, log: (l) => logs.push(l) });
+  expect(logs.join('\n')).toContain('heads: from checkpoint');
+  expect(s.finalEval!.heads.map((h) => h.acc[0])).toEqual(m1.finalEval.heads.map((h: { acc: number[] }) => h.acc[0]));
+  await expect(runMedusa2({ config: m2config('from-m1-bad', ...sets, 'heads.num_heads=3'), commandLine: ['test'], resume: false, log: quiet }))
+    .rejects.toMatchObject({ code: 'E_CONFIG', message: expect.stringContaining('medusa2.init_heads') });
+}, 300_000);
+
+test('a NaN loss stops the run with E_TRAIN and keeps the last good checkpoint', async () => {
+  const sets = ['checkpoint.every=1', 'train.max_steps=4', 'data.eval_fraction=0', 'medusa2.backbone.lora.targets=[q_proj]'];
+  let polls = 0;
+  await runMedusa2({ config: m2config('nan', ...sets), commandLine: ['test'], resume: false, log: quiet, shouldStop: () => ++polls >= 2 });
+  const cks = listCheckpoints(path.join(tmp, 'nan'));
+  expect(cks.map((c) => c.step)).toEqual([1, 2]);
+  // poison one adapter weight of the latest checkpoint, as an overflow would
+  const file = path.join(cks[1].path, 'backbone.safetensors');
+  const tensors: Record<string, { dtype: 'F32'; shape: number[]; data: Float32Array }> = {};
+  for (const [name, info] of readHeader(file).tensors) tensors[name] = { dtype: 'F32', shape: info.shape, data: readTensor(info).data as Float32Array };
+  tensors['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'].data[0] = NaN;
+  writeSafetensors(file, tensors);
+  const err = await runMedusa2({ config: m2config('nan', ...sets), commandLine: ['test'], resume: true, log: quiet }).catch((e: unknown) => e);
+  expect(err).toMatchObject({ code: 'E_TRAIN', message: expect.stringContaining('at step 3') });
+  expect((err as Error).message).toContain(cks[1].path);
+  expect(listCheckpoints(path.join(tmp, 'nan')).map((c) => c.step)).toEqual([1, 2]);
+}, 300_000);
 
 test('a deliberately high learning rate fails the gate (action fail): E_TRAIN after the checkpoint and summary.json', async () => {
   const sets = ['medusa2.backbone.mode=full', 'medusa2.backbone.full_last_layers=2', 'train.lr=3e-2', 'train.max_steps=3', 'checkpoint.every=100', 'eval.every=100',

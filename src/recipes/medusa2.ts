@@ -57,8 +57,9 @@ export interface Medusa2Args {
 }
 
 export interface Medusa2Metrics {
-  /** The combined loss L_LM + lambda * sum_k decay^k L_k. */
+  /** The combined loss L_LM + lambda * sum_k decay^k L_k (train; NaN for eval, whose LM side is the gate's). */
   loss: number;
+  /** The LM term (0 during the heads warmup; NaN for eval). */
   lmLoss: number;
   /** The heads' weighted term sum_k decay^k L_k (lambda not applied). */
   headsLoss: number;
@@ -272,28 +273,20 @@ export async function runMedusa2(a: Medusa2Args): Promise<Medusa2Summary> {
     };
     const coefAt = (s: number): number => c.loss.heads_coefficient * headsSchedule(c.loss.heads_schedule, s, totalSteps, c.loss.heads_schedule_fraction);
 
-    // --- evaluation over the held-out split: heads metrics, LM loss, and the gate ---
+    // --- evaluation over the held-out split: the heads on the tuned backbone (no dropout, no backbone gradient);
+    // the LM side (KL, agreement, perplexity against the original) is the gate's ---
     const evaluate = (s: number): Medusa2Metrics | null => {
       if (evalSet.length === 0) return null;
       const st = emptyStats(K);
-      let lmSum = 0;
-      let lmCount = 0;
       for (let i = 0; i < evalSet.length; i += c.data.batch_size) {
         const idx = Array.from({ length: Math.min(c.data.batch_size, evalSet.length - i) }, (_, j) => i + j);
         const pb = padBatch(evalSet, idx, padId);
-        const b = lossBatch(pb, evalSet);
-        try {
-          // trainBackbone: true so the LM term is computed; the gradients are dropped
-          const r = medusa2LossAndGrads(decoder, backbone, heads!, b, { lmLoss: c.loss.lm_loss, headsCoefficient: coefAt(s), decay: c.loss.decay, trainBackbone: true, dropoutSeed: 0 });
-          for (const g of r.grads.values()) g.dispose();
-          addStats(st, headsStats(r.heads));
-          lmSum += r.lmLoss * r.lmValid;
-          lmCount += r.lmValid;
-        } finally {
-          freeBatch(b);
-        }
+        // trainBackbone false: the tuned backbone's forward runs outside the tape with hook(null); only the heads' (dropped) gradients
+        const r = medusa2LossAndGrads(decoder, backbone, heads!, { ids: pb.ids, B: pb.B, T: pb.T, attention: pb.attention, lossMask: pb.lossMask, lengths: pb.lengths }, { lmLoss: c.loss.lm_loss, headsCoefficient: coefAt(s), decay: c.loss.decay, trainBackbone: false, dropoutSeed: 0 });
+        for (const g of r.grads.values()) g.dispose();
+        addStats(st, headsStats(r.heads));
       }
-      return metricsOf(st, lmCount > 0 ? lmSum / lmCount : NaN, c.loss.decay, coefAt(s));
+      return metricsOf(st, NaN, c.loss.decay, coefAt(s));
     };
     const gateCheck = async (s: number): Promise<GateResult | null> => {
       if (evalSet.length === 0) return null;
@@ -447,7 +440,7 @@ export async function runMedusa2(a: Medusa2Args): Promise<Medusa2Summary> {
         if (step % c.eval.every === 0 || step === totalSteps) {
           finalEval = evaluate(step);
           gate = await gateCheck(step);
-          if (finalEval) writeMetrics({ type: 'eval', step, loss: finalEval.loss, lm_loss: finalEval.lmLoss, heads_loss: finalEval.headsLoss, heads: finalEval.heads });
+          if (finalEval) writeMetrics({ type: 'eval', step, heads_loss: finalEval.headsLoss, heads: finalEval.heads });
           if (gate) writeMetrics({ type: 'gate', ...gate });
           judgeGate(gate, step === totalSteps);
         }
@@ -517,7 +510,7 @@ export function formatMedusa2Summary(s: Medusa2Summary): string {
   const lines = [`${s.stopped ? 'stopped (rerun with --resume to continue)' : 'done'}: ${s.runDir}, step ${s.steps}/${s.totalSteps} (MEDUSA-2, backbone ${s.backboneMode}), ${s.trainTokens} tokens, ${s.tokensPerSecond.toFixed(0)} tok/s on ${s.backend}`];
   const show = (label: string, m: Medusa2Metrics | null): void => {
     if (!m) return;
-    lines.push(`${label} loss ${m.loss.toFixed(4)} (lm ${m.lmLoss.toFixed(4)}, heads ${m.headsLoss.toFixed(4)})`);
+    lines.push(Number.isNaN(m.lmLoss) ? `${label} heads loss ${m.headsLoss.toFixed(4)}` : `${label} loss ${m.loss.toFixed(4)} (lm ${m.lmLoss.toFixed(4)}, heads ${m.headsLoss.toFixed(4)})`);
     m.heads.forEach((h, k) => lines.push(`  head ${k}: loss ${h.loss.toFixed(4)}  top-1 ${(100 * h.acc[0]).toFixed(1)}%  top-5 ${(100 * h.acc[4]).toFixed(1)}%  (${h.valid} positions)`));
   };
   show('train (last step)', s.finalTrain);
