@@ -200,9 +200,13 @@ describe('eval through the CLI', () => {
   beforeAll(async () => {
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'medusa-eval-'));
     process.env['MEDUSA_TRAIN_CACHE'] = path.join(tmp, 'cache');
-    const d = await run('demo', '--out', path.join(tmp, 'demo'), '--no-progress');
+    // a small MEDUSA-1 run on the embedded tiny model (the pipeline `demo` ran before it moved to the structured model)
+    const data = path.join(tmp, 'distill');
+    const d = await run('distill', '--input', 'data/prompts/demo.jsonl', '--out', data, '--temperature', '0', '--max-new-tokens', '48', '--max-total-tokens', '256', '--no-progress');
     expect(d.code).toBe(0);
-    runDir = path.join(tmp, 'demo', 'medusa1');
+    const t = await run('train', '--config', 'configs/tiny.yaml', '--set', `data.train=${JSON.stringify([data])}`, '--set', `run.dir=${tmp}`, '--set', 'run.name=medusa1', '--no-progress');
+    expect(t.code).toBe(0);
+    runDir = path.join(tmp, 'medusa1');
   });
   afterAll(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
