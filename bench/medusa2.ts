@@ -4,7 +4,8 @@
  * linear layers) and full fine-tuning of the last 1 and 2 decoder layers, with the KD loss on stored teacher
  * top-k (and one row with the frozen teacher run alongside). Each configuration runs in its own child process
  * so its peak RSS is its own; tokens/s counts every token of the training batches (prompt + assistant), as
- * the recipes' summaries do, over the steps after the first (the first step includes tfjs's kernel setup).
+ * the recipes' summaries do, and over the steps after the first (the first step includes tfjs's kernel setup). A job
+ * that fails (e.g. the wasm heap running out) is reported as such and the bench goes on.
  *
  *   npm run bench:medusa2 -- [--out docs/bench/medusa2.json] [--jobs 0,1,2 (indexes of the job list below)]
  */
@@ -100,7 +101,9 @@ async function main(): Promise<void> {
   const w = DatasetWriter.open(dataset, { meta, topk: K, mode: 'new' });
   w.appendShard(recs, [], [], recs.length);
   w.finish({});
-  const base = { seqLen: 512, batch: 4, steps: 4 };
+  // batch 1: MEDUSA-2's autograd keeps every activation of the backbone and the heads; at 512 x 4 the 4 GiB wasm heap
+  // runs out (the last job checks that it still does)
+  const base = { seqLen: 512, batch: 1, steps: 4 };
   const lora = (targets: string, rank = 8): string[] => ['medusa2.backbone.mode=lora', `medusa2.backbone.lora.rank=${rank}`, `medusa2.backbone.lora.targets=${targets}`];
   const jobs: Omit<Job, 'model' | 'dataset' | 'runDir'>[] = [
     { label: 'MEDUSA-1 (tfjs heads, tfjs backbone)', recipe: 'medusa1', sets: ['model.engine=tfjs'], ...base },
@@ -111,6 +114,8 @@ async function main(): Promise<void> {
     { label: 'MEDUSA-2 full last 2 layers (kd top-k)', recipe: 'medusa2', sets: ['medusa2.backbone.mode=full', 'medusa2.backbone.full_last_layers=2'], ...base },
     { label: 'MEDUSA-2 LoRA r8 q,k,v,o (kd, frozen teacher)', recipe: 'medusa2', sets: [...lora('[q_proj,k_proj,v_proj,o_proj]'), 'loss.teacher=frozen'], ...base },
     { label: 'MEDUSA-2 LoRA r8 q,k,v,o (ce)', recipe: 'medusa2', sets: [...lora('[q_proj,k_proj,v_proj,o_proj]'), 'loss.lm_loss=ce'], ...base },
+    { label: 'MEDUSA-2 LoRA r8 q,k,v,o (kd top-k), batch 2', recipe: 'medusa2', sets: lora('[q_proj,k_proj,v_proj,o_proj]'), ...base, batch: 2 },
+    { label: 'MEDUSA-2 LoRA r8 q,k,v,o (kd top-k), batch 4', recipe: 'medusa2', sets: lora('[q_proj,k_proj,v_proj,o_proj]'), ...base, batch: 4, steps: 2 },
   ];
   const only = arg('jobs', '') ? new Set(arg('jobs', '').split(',').map(Number)) : null;
   const results: unknown[] = [];
@@ -120,7 +125,13 @@ async function main(): Promise<void> {
     const job: Job = { ...j, model, dataset, runDir: path.join(dir, `run${i}`) };
     load.push(os.loadavg().map((x) => x.toFixed(2)).join(' '));
     const r = spawnSync(process.execPath, [process.argv[1], '--child', JSON.stringify(job)], { encoding: 'utf8', maxBuffer: 1 << 24 });
-    if (r.status !== 0) throw new Error(`job ${JSON.stringify(j)} failed: ${r.stderr}`);
+    if (r.status !== 0) {
+      // e.g. the 4 GiB wasm heap running out: a result too (the row says so), not the end of the bench
+      const why = r.stderr.split('\n').find((l) => /Error|Aborted/.test(l)) ?? `exit ${r.status}`;
+      console.log(`${j.label}: FAILED (${why.trim()})`);
+      results.push({ label: j.label, recipe: j.recipe, seq_len: j.seqLen, batch: j.batch, failed: why.trim(), load_before: load[load.length - 1] });
+      continue;
+    }
     const line = r.stdout.trim().split('\n').pop()!;
     console.log(`${line}  (load before: ${load[load.length - 1]})`);
     results.push({ ...JSON.parse(line), load_before: load[load.length - 1] });

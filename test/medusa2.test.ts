@@ -153,6 +153,13 @@ test('export --format hf of the LoRA run: reloads, its logits equal the adapter 
   }
 }, 300_000);
 
+test('kd with the frozen teacher: the first joint step (B = 0) has KL ~0, later steps move away from the original', async () => {
+  await runMedusa2({ config: m2config('frozen-teacher', 'loss.teacher=frozen', 'train.max_steps=3', 'train.lr=1e-2', 'checkpoint.every=100', 'eval.every=100', 'data.eval_fraction=0'), commandLine: ['test'], resume: false, log: quiet });
+  const m = fs.readFileSync(path.join(tmp, 'frozen-teacher', 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l)).filter((l) => l.type === 'train');
+  expect(Math.abs(m[0].lm_loss)).toBeLessThan(1e-6); // the teacher is the same decoder without the adapters: the same logits
+  expect(m[2].lm_loss).toBeGreaterThan(1e-6);
+}, 300_000);
+
 test('full last layer: exactly the last layer and the final norm train, each of its tensors changes', async () => {
   const s = await runMedusa2({
     config: m2config('full', 'medusa2.backbone.mode=full', 'medusa2.backbone.full_last_layers=1', 'train.max_steps=2', 'checkpoint.every=2', 'eval.every=100', 'data.eval_fraction=0'),
