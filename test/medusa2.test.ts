@@ -105,6 +105,9 @@ test('LoRA: gradients reach exactly the adapters of the configured targets; head
   // (float rounding between the distill engine and the training forward)
   expect(Math.abs(m[1].lm_loss)).toBeLessThan(1e-4);
   for (const l of m) expect(Object.keys(l)).toEqual(expect.arrayContaining(['loss', 'lm_loss', 'heads', 'lambda', 'lr', 'heads_lr', 'grad_norm']));
+  // lambda: lambda_0 (0.2) during the heads warmup, then the sine schedule over the 2 joint steps: sin(pi/2 x j/2), j = 0, 1
+  expect(m.map((l) => l.lambda)).toEqual([0.2, 0, expect.closeTo(0.2 * Math.sin(Math.PI / 4), 12)]);
+  expect(m.every((l) => Math.abs(l.heads_lr - 4 * l.lr) < 1e-15)).toBe(true);
 }, 300_000);
 
 test('export --format hf of the LoRA run: reloads, its logits equal the adapter model, untouched tensors bit-identical to the base', async () => {

@@ -271,7 +271,10 @@ export async function runMedusa2(a: Medusa2Args): Promise<Medusa2Summary> {
     const freeBatch = (b: Medusa2Batch): void => {
       if (b.teacher && 'logits' in b.teacher) b.teacher.logits.dispose();
     };
-    const coefAt = (s: number): number => c.loss.heads_coefficient * headsSchedule(c.loss.heads_schedule, s, totalSteps, c.loss.heads_schedule_fraction);
+    // lambda(t): the heads-only warmup uses lambda_0 as it is (a schedule starting at 0 would leave the heads nothing to
+    // learn from); the schedule then runs over the joint steps: t - warmup of total - warmup.
+    const coefAt = (s: number): number => s < headsWarmup ? c.loss.heads_coefficient
+      : c.loss.heads_coefficient * headsSchedule(c.loss.heads_schedule, s - headsWarmup, Math.max(totalSteps - headsWarmup, 1), c.loss.heads_schedule_fraction);
 
     // --- evaluation over the held-out split: the heads on the tuned backbone (no dropout, no backbone gradient);
     // the LM side (KL, agreement, perplexity against the original) is the gate's ---
