@@ -19,6 +19,7 @@ import { runMedusa2, formatMedusa2Summary } from './recipes/medusa2.js';
 import { runDemo } from './recipes/demo.js';
 import { runExport } from './recipes/export.js';
 import { runEval, formatEval } from './recipes/eval.js';
+import { planRun, formatPlan } from './plan/plan.js';
 import { ensureEmbeddedModel } from './model/tiny.js';
 import { PROMPT_FORMATS, type PromptFormat } from './data/prompts.js';
 import { VERSION } from './version.js';
@@ -216,8 +217,10 @@ export function buildProgram(io: Io = defaultIo): Command {
     .option('--resume', "continue the run from its latest checkpoint (same training settings)")
     .option('--no-progress', 'no progress bar or progress lines')
     .option('--json', 'print the summary as JSON')
-    .action(async (o: { config?: string; set: string[]; resume?: boolean; progress: boolean; json?: boolean }) => {
+    .option('--no-plan', 'skip the start-of-run estimate (disk, memory, time from a short probe of the step)')
+    .action(async (o: { config?: string; set: string[]; resume?: boolean; progress: boolean; json?: boolean; plan: boolean }) => {
       const { config } = loadTrainConfig(o.config ?? null, o.set);
+      if (o.plan) io.err(formatPlan(await planRun(config, { log: (line) => io.err(line) })));
       const run = {
         commandLine: ['medusa-train', ...process.argv.slice(2)], resume: !!o.resume, log: (line: string) => io.err(line),
         progress: createProgress({ label: 'train', unit: 'steps', isTTY: !!process.stderr.isTTY && !o.json, log: (line) => io.err(line), enabled: o.progress }),
@@ -230,6 +233,19 @@ export function buildProgram(io: Io = defaultIo): Command {
       }
       const s = await withStopSignals(io, stopping, (shouldStop) => runMedusa1({ ...run, config, shouldStop }));
       io.out(o.json ? JSON.stringify(s, null, 2) : formatMedusa1Summary(s));
+    });
+
+  program
+    .command('plan')
+    .description('Before a run: estimate the disk (datasets, hidden-state cache, checkpoints), peak memory and time of a training config from a short probe of its real step, and whether it fits this machine')
+    .option('--config <file>', 'YAML config (see docs/CONFIG.md and configs/); without it, the defaults')
+    .option('--set <key=value>', 'override one config key, e.g. --set data.batch_size=8 (repeatable)', collect, [] as string[])
+    .option('--no-probe', 'disk only: no probe of the step (no memory or time estimate)')
+    .option('--json', 'print the report as JSON')
+    .action(async (o: { config?: string; set: string[]; probe: boolean; json?: boolean }) => {
+      const { config } = loadTrainConfig(o.config ?? null, o.set);
+      const r = await planRun(config, { probe: o.probe, log: (line) => io.err(line) });
+      io.out(o.json ? JSON.stringify(r, null, 2) : formatPlan(r));
     });
 
   program
