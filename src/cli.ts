@@ -19,6 +19,7 @@ import { runMedusa2, formatMedusa2Summary } from './recipes/medusa2.js';
 import { runDemo } from './recipes/demo.js';
 import { runExport } from './recipes/export.js';
 import { runEval, formatEval } from './recipes/eval.js';
+import { writeRunReport } from './report/run-report.js';
 import { planRun, formatPlan } from './plan/plan.js';
 import { ensureEmbeddedModel } from './model/tiny.js';
 import { PROMPT_FORMATS, type PromptFormat } from './data/prompts.js';
@@ -229,10 +230,12 @@ export function buildProgram(io: Io = defaultIo): Command {
       if (config.recipe === 'medusa2') {
         const s = await withStopSignals(io, stopping, (shouldStop) => runMedusa2({ ...run, config, shouldStop }));
         io.out(o.json ? JSON.stringify(s, null, 2) : formatMedusa2Summary(s));
+        await reportAfter(io, s.runDir, !!o.json);
         return;
       }
       const s = await withStopSignals(io, stopping, (shouldStop) => runMedusa1({ ...run, config, shouldStop }));
       io.out(o.json ? JSON.stringify(s, null, 2) : formatMedusa1Summary(s));
+      await reportAfter(io, s.runDir, !!o.json);
     });
 
   program
@@ -291,6 +294,19 @@ export function buildProgram(io: Io = defaultIo): Command {
       const livePromptTexts = o.promptFile ? readPromptFile(o.promptFile) : undefined;
       const r = await runEval({ run: o.run, data: o.data, budgets: o.budgets, choose: o.choose, speedPrompts: o.speed, speedNewTokens: o.newTokens, livePrompts: o.live, livePromptTexts, log: (line) => io.err(line) });
       io.out(o.json ? JSON.stringify(r, null, 2) : formatEval(r));
+      await reportAfter(io, o.run, !!o.json);
+    });
+
+  program
+    .command('report')
+    .description("Write a run's report: one self-contained HTML file (loss and accuracy curves, eval tables, tokens per step against tree size, summary, config) and its charts as SVG beside it")
+    .requiredOption('--run <dir>', 'the run folder (metrics.jsonl; summary.json, config.yaml and eval/*.json when present)')
+    .option('--out <file>', 'the HTML file (default: <run>/report.html); the SVGs go beside it as <name>-<chart>.svg')
+    .option('--json', 'print the written files as JSON')
+    .action(async (o: { run: string; out?: string; json?: boolean }) => {
+      const r = await writeRunReport(o.run, { out: o.out });
+      if (o.json) io.out(JSON.stringify(r, null, 2));
+      else io.out([`report: ${r.html}`, `charts: ${r.svgs.join(', ')}`, ...r.notes.map((n) => `note: ${n}`)].join('\n'));
     });
 
   program
@@ -339,6 +355,19 @@ async function withStopSignals<T>(io: Io, what: string, work: (shouldStop: () =>
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
+  }
+}
+
+/**
+ * After train or eval: write the run's report and print where it is (to stderr under --json, whose stdout
+ * is the JSON). The command's own work is done and saved, so a failure here is a warning, not an error.
+ */
+async function reportAfter(io: Io, runDir: string, json: boolean): Promise<void> {
+  try {
+    const r = await writeRunReport(runDir);
+    (json ? io.err : io.out)(`report: ${r.html} (charts: ${r.svgs.length} SVG files beside it)`);
+  } catch (e) {
+    io.err(`warning: the run report was not written: ${isMedusaError(e) ? e.message : describe(e)} (retry with \`medusa-train report --run ${runDir}\`)`);
   }
 }
 

@@ -30,6 +30,7 @@ import { runMedusa1, formatMedusa1Summary } from './medusa1.js';
 import { runEval, formatEval, type EvalReport } from './eval.js';
 import { runExport, type ExportFormat, type ExportReport } from './export.js';
 import type { Progress } from '../progress.js';
+import { writeRunReport } from '../report/run-report.js';
 
 /** The committed training prompts: the first `count` distinct prompts of the structured corpus from `seed`. */
 export const DEMO_TRAIN_PROMPTS = { file: ['data', 'prompts', 'structured-train.jsonl'], count: 512, seed: 1234 } as const;
@@ -170,12 +171,14 @@ export async function runDemo(a: DemoArgs): Promise<string> {
 
   // --- where everything is ---
   const sp = saved.report.speed;
+  const runReport = await writeRunReport(runDir);
   lines.push(
     '',
     `demo${a.quick ? ' --quick' : ''} done in ${((performance.now() - t0) / 1000).toFixed(1)} s (this invocation; base model ${model})`,
     `  datasets:    ${trainData} (training), ${evalData} (held-out prompts)`,
     `  run:         ${runDir} (config.yaml, metrics.jsonl, checkpoints/, medusa_choices.json: budget ${saved.report.chosen.budget})`,
     `  eval report: ${reportFile}; per-step files and the chart in ${path.join(runDir, 'eval')} (speed.svg)`,
+    `  run report:  ${runReport.html} (open it in a browser: curves, accuracy tables, tokens/step against tree size; ${runReport.svgs.length} SVG charts beside it)`,
     ...(sp ? [`  best tree:   budget ${sp.best.budget} (${sp.best.nodes} nodes): ${sp.best.measuredTokensPerStep.toFixed(2)} tokens/step, ${sp.best.speedup.toFixed(2)}x plain greedy on ${sp.engine}`] : []),
     `  exports:     ${EXPORTS.map((f) => path.join(out, `export-${f}`)).join(', ')}`,
     `  try:         medusa-train generate --model ${model} --medusa ${runDir} --chat --prompt "Count from 5 to 40."`,
