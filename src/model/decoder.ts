@@ -82,6 +82,9 @@ export interface ForwardArgs {
 /** The linear projections a ForwardHook sees, by their Hugging Face module names. */
 export type LinearSite = 'q_proj' | 'k_proj' | 'v_proj' | 'o_proj' | 'gate_proj' | 'up_proj' | 'down_proj' | 'lm_head';
 
+/** The 2-D products of the forward a ForwardHook may replace: the fused weight products, and attention's (two activations). */
+export type MatMulSite = 'qkv' | 'o_proj' | 'gate_up' | 'down_proj' | 'lm_head' | 'attention';
+
 export interface ForwardHook {
   /** Weights used instead of model.weights (same internal layout), e.g. with some tensors trainable. */
   weights?: DecoderWeights;
@@ -89,6 +92,13 @@ export interface ForwardHook {
   embed?: (ids: Int32Array) => tf.Tensor2D;
   /** Receives a projection's input [n, in] and output [n, out] (bias included); returns the output to use. Layer -1: lm_head. */
   linear?: (site: LinearSite, layer: number, input: tf.Tensor2D, output: tf.Tensor2D) => tf.Tensor2D;
+  /**
+   * Computes a [m, k] @ b [k, n] instead of tf.matMul for the 2-D products of the forward (e.g. the same
+   * product with a faster gradient, src/train/fast-grad.ts). For a weight site b is that weight (layer -1:
+   * lm_head); for 'attention' both operands are activations. The batched attention of short query blocks
+   * (fewer than 8 new tokens) does not go through it.
+   */
+  matMul?: (a: tf.Tensor2D, b: tf.Tensor2D, site: MatMulSite, layer: number) => tf.Tensor2D;
 }
 
 export interface TreeMask {
@@ -236,6 +246,8 @@ export function decoderForward(model: Decoder, args: ForwardArgs): ForwardResult
     const w = hook?.weights ?? model.weights;
     const lin = (site: LinearSite, layer: number, input: tf.Tensor, output: tf.Tensor): tf.Tensor2D =>
       (hook?.linear ? hook.linear(site, layer, input as tf.Tensor2D, output as tf.Tensor2D) : output) as tf.Tensor2D; // [n, out]
+    const mm = (a: tf.Tensor2D, b: tf.Tensor2D, site: MatMulSite, layer: number): tf.Tensor2D =>
+      hook?.matMul ? hook.matMul(a, b, site, layer) : tf.matMul(a, b); // [m, n]
     const cos = tf.tensor4d(cosData, [B, T, 1, hd]); // [B, T, 1, hd]
     const sin = tf.tensor4d(sinData, [B, T, 1, hd]); // [B, T, 1, hd]
     const biasT = tf.tensor3d(bias, [B, nRep * T, L]); // [B, nRep*T, L]
@@ -245,7 +257,7 @@ export function decoderForward(model: Decoder, args: ForwardArgs): ForwardResult
       const lw = w.layers[li];
       // --- attention block ---
       const xn = rmsNorm(x, lw.attnNorm, c.rmsNormEps); // [B*T, d]
-      let qkv: tf.Tensor2D = tf.matMul(xn, lw.wqkv); // [B*T, q+2kv]
+      let qkv: tf.Tensor2D = mm(xn, lw.wqkv, 'qkv', li); // [B*T, q+2kv]
       if (lw.bqkv) qkv = tf.add(qkv, lw.bqkv);
       let q: tf.Tensor4D = tf.reshape(lin('q_proj', li, xn, tf.slice(qkv, [0, 0], [B * T, nH * hd])), [B, T, nH, hd]); // [B, T, nH, hd]
       let k: tf.Tensor4D = tf.reshape(lin('k_proj', li, xn, tf.slice(qkv, [0, nH * hd], [B * T, nKV * hd])), [B, T, nKV, hd]); // [B, T, nKV, hd]
@@ -265,30 +277,30 @@ export function decoderForward(model: Decoder, args: ForwardArgs): ForwardResult
         newV.push(tf.keep(vAll));
       }
       const qG = tf.reshape(tf.transpose(q, [0, 2, 1, 3]), [B * nKV, nRep * T, hd]) as tf.Tensor3D; // [B*nKV, nRep*T, hd] (heads of a kv group are contiguous)
-      const attn = attention(qG, tf.reshape(kAll, [B * nKV, L, hd]) as tf.Tensor3D, tf.reshape(vAll, [B * nKV, L, hd]) as tf.Tensor3D, biasT, { B, nKV, nRep, T, L, hd, scale }); // [B*nKV, nRep*T, hd]
+      const attn = attention(qG, tf.reshape(kAll, [B * nKV, L, hd]) as tf.Tensor3D, tf.reshape(vAll, [B * nKV, L, hd]) as tf.Tensor3D, biasT, { B, nKV, nRep, T, L, hd, scale }, (a, b) => mm(a, b, 'attention', li)); // [B*nKV, nRep*T, hd]
       const merged = tf.reshape(tf.transpose(tf.reshape(attn, [B, nH, T, hd]), [0, 2, 1, 3]), [B * T, nH * hd]); // [B*T, nH*hd]
-      let o: tf.Tensor2D = tf.matMul(merged, lw.wo); // [B*T, d]
+      let o: tf.Tensor2D = mm(merged as tf.Tensor2D, lw.wo, 'o_proj', li); // [B*T, d]
       if (lw.bo) o = tf.add(o, lw.bo);
       if (hook?.linear) o = lin('o_proj', li, merged, o); // [B*T, d]
       const h = tf.add(x, o); // [B*T, d]
       // --- MLP block (SwiGLU) ---
       const hn = rmsNorm(h, lw.mlpNorm, c.rmsNormEps); // [B*T, d]
-      const gu = tf.matMul(hn, lw.wgu); // [B*T, 2ff]
+      const gu = mm(hn as tf.Tensor2D, lw.wgu, 'gate_up', li); // [B*T, 2ff]
       const ff = c.intermediateSize;
       const gate = hook?.linear ? lin('gate_proj', li, hn, tf.slice(gu, [0, 0], [B * T, ff])) : null; // [B*T, ff]
       const up = hook?.linear ? lin('up_proj', li, hn, tf.slice(gu, [0, ff], [B * T, ff])) : null; // [B*T, ff]
       const act = gate && up
         ? tf.mul(tf.mul(gate, tf.sigmoid(gate)), up) // [B*T, ff]
         : tf.mul(tf.mul(tf.slice(gu, [0, 0], [B * T, ff]), tf.sigmoid(tf.slice(gu, [0, 0], [B * T, ff]))), tf.slice(gu, [0, ff], [B * T, ff])); // [B*T, ff]
-      x = tf.add(h, lin('down_proj', li, act, tf.matMul(act, lw.wdown))); // [B*T, d]
+      x = tf.add(h, lin('down_proj', li, act, mm(act as tf.Tensor2D, lw.wdown, 'down_proj', li))); // [B*T, d]
     }
     const hidden2 = rmsNorm(x, w.finalNorm, c.rmsNormEps); // [B*T, d]
     const hidden = tf.reshape(hidden2, [B, T, d]) as tf.Tensor3D; // [B, T, d]
     if (args.logits === 'all') {
-      logitsOut = tf.keep(tf.reshape(lin('lm_head', -1, hidden2, tf.matMul(hidden2, w.lmHead)), [B, T, c.vocabSize]) as tf.Tensor3D); // [B, T, V]
+      logitsOut = tf.keep(tf.reshape(lin('lm_head', -1, hidden2, mm(hidden2, w.lmHead, 'lm_head', -1)), [B, T, c.vocabSize]) as tf.Tensor3D); // [B, T, V]
     } else if (args.logits === 'last') {
       const last = tf.reshape(tf.slice(hidden, [0, T - 1, 0], [B, 1, d]), [B, d]); // [B, d]
-      logitsOut = tf.keep(tf.reshape(lin('lm_head', -1, last, tf.matMul(last, w.lmHead)), [B, 1, c.vocabSize]) as tf.Tensor3D); // [B, 1, V]
+      logitsOut = tf.keep(tf.reshape(lin('lm_head', -1, last as tf.Tensor2D, mm(last as tf.Tensor2D, w.lmHead, 'lm_head', -1)), [B, 1, c.vocabSize]) as tf.Tensor3D); // [B, 1, V]
     }
     return hidden;
   });
@@ -357,7 +369,7 @@ interface AttnDims { B: number; nKV: number; nRep: number; T: number; L: number;
  * Scaled dot-product attention with an additive bias.
  * q [B*nKV, nRep*T, hd], k/v [B*nKV, L, hd], bias [B, nRep*T, L] -> [B*nKV, nRep*T, hd].
  */
-function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, bias: tf.Tensor3D, dims: AttnDims): tf.Tensor3D {
+function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, bias: tf.Tensor3D, dims: AttnDims, mm2: (a: tf.Tensor2D, b: tf.Tensor2D) => tf.Tensor2D): tf.Tensor3D {
   const { B, nKV, nRep, T, L, hd, scale } = dims;
   if (T >= LOOP_ATTENTION_MIN_QUERY) {
     // Fast path: untransposed 2-D matmuls per (row, kv-head) group.
@@ -368,8 +380,8 @@ function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, bias: tf.Tens
     const outs: tf.Tensor2D[] = [];
     for (let g = 0; g < B * nKV; g++) {
       const kT = tf.transpose(ks[g]); // [hd, L]
-      const scores = tf.add(tf.mul(tf.matMul(qs[g], kT), scale), bs[Math.floor(g / nKV)]); // [nRep*T, L]
-      outs.push(tf.matMul(tf.softmax(scores), vs[g])); // [nRep*T, hd]
+      const scores = tf.add(tf.mul(mm2(qs[g], kT), scale), bs[Math.floor(g / nKV)]); // [nRep*T, L]
+      outs.push(mm2(tf.softmax(scores) as tf.Tensor2D, vs[g])); // [nRep*T, hd]
     }
     return tf.stack(outs) as tf.Tensor3D; // [B*nKV, nRep*T, hd]
   }

@@ -33,6 +33,7 @@ import { decoderForward, type Decoder } from '../model/decoder.js';
 import type { MedusaHeads } from '../model/heads.js';
 import { headTargets, TOPK_REPORTED } from './heads-loss.js';
 import { gatherRows, headsParams, type TrainableBackbone, type TrainableParam } from './trainable-backbone.js';
+import { matMulConstB, matMulFast, weightedNllSum } from './fast-grad.js';
 
 export type HeadsScheduleKind = 'constant' | 'linear' | 'sine' | 'sine_warmup';
 
@@ -224,40 +225,57 @@ function disposeLmConst(c: LmConst | null): void {
   for (const t of [c.onehot, c.weights, c.complementMask, c.rest]) t?.dispose();
 }
 
-/** Sum over rows of the LM term (before the mean): CE or KL. logits [n, V]. */
+/**
+ * Sum over rows of the LM term (before the mean): CE or KL. logits [n, V]. One fused op with a closed-form
+ * gradient (src/train/fast-grad.ts weightedNllSum): CE = -sum log pS(label); KL = sum pT log pT (the constant)
+ * - sum_i pT_i log pS_i - pT_rest log pS_rest.
+ */
 function lmTermSum(logits: tf.Tensor2D, c: LmConst): tf.Scalar {
-  const lse = tf.logSumExp(logits, 1, true); // [n, 1]
-  if (c.onehot) return tf.sum(tf.sub(lse, tf.sum(tf.mul(logits, c.onehot), 1, true))) as tf.Scalar; // CE
-  const logp = tf.sub(logits, lse); // [n, V]
-  let kl = tf.sub(c.constant, tf.sum(tf.mul(c.weights!, logp))); // [] sum pT (log pT - log pS) over the weighted ids
-  if (c.complementMask && c.rest) {
-    const logRest = tf.sub(tf.logSumExp(tf.add(logits, c.complementMask), 1), tf.reshape(lse, [-1])); // [n] log student rest mass
-    kl = tf.sub(kl, tf.sum(tf.mul(c.rest, logRest))); // []
-  }
-  return kl as tf.Scalar;
+  if (c.onehot) return weightedNllSum(logits, c.onehot); // [] CE
+  const comp = c.complementMask && c.rest ? { mask: c.complementMask, rest: c.rest } : undefined;
+  return tf.add(c.constant, weightedNllSum(logits, c.weights!, comp)) as tf.Scalar; // [] KL
 }
 
 interface HeadConst {
   rows: Int32Array;
+  labels: Int32Array;
   onehot: tf.Tensor2D; // [n, V]
   weight: number;
 }
 
-/** The heads term: sum_k coef * decay^k / norm_k * sum CE_k, plus per-head CE sums and ranks (kept). */
-function headsTerm(heads: MedusaHeads, hidden: tf.Tensor2D, hc: (HeadConst | null)[], out: { ce: tf.Tensor[]; rank: tf.Tensor[] }): tf.Scalar {
+/**
+ * Per row of a [n, V] logits matrix: how many logits exceed the label's (host; faster than tf.greater + cast +
+ * sum on tfjs-wasm). Reads the values, does not dispose.
+ */
+function labelRanks(logits: tf.Tensor2D, labels: Int32Array): Int32Array {
+  const [n, V] = logits.shape;
+  const z = logits.dataSync() as Float32Array;
+  const ranks = new Int32Array(n);
+  for (let i = 0; i < n; i++) {
+    const o = i * V;
+    const y = z[o + labels[i]];
+    let r = 0;
+    for (let j = 0; j < V; j++) if (z[o + j] > y) r++;
+    ranks[i] = r;
+  }
+  return ranks;
+}
+
+/** The heads term: sum_k coef * decay^k / norm_k * sum CE_k, plus per-head CE sums (kept) and label ranks. */
+function headsTerm(heads: MedusaHeads, hidden: tf.Tensor2D, hc: (HeadConst | null)[], out: { ce: tf.Tensor[]; rank: Int32Array[] }): tf.Scalar {
   let total: tf.Scalar = tf.scalar(0);
   hc.forEach((c, k) => {
     if (!c) return;
     let h: tf.Tensor2D = gatherRows(hidden, c.rows); // [n, d]
     for (const blk of heads.blocks[k]) {
-      const z = tf.add(tf.matMul(h, blk.w), blk.b); // [n, d]
+      const z = tf.add(matMulFast(h, blk.w), blk.b); // [n, d]
       h = tf.add(h, tf.mul(z, tf.sigmoid(z))) as tf.Tensor2D; // [n, d]
     }
-    const logits = tf.matMul(h, heads.proj[k] ?? heads.baseLmHead); // [n, V]
-    const labelLogit = tf.sum(tf.mul(logits, c.onehot), 1, true); // [n, 1]
-    const ce = tf.sum(tf.sub(tf.logSumExp(logits, 1, true), labelLogit)) as tf.Scalar; // []
+    const proj = heads.proj[k];
+    const logits = proj ? matMulFast(h, proj) : matMulConstB(h, heads.baseLmHead); // [n, V] (the shared lm_head is frozen)
+    const ce = weightedNllSum(logits, c.onehot); // [] sum of CE
     out.ce[k] = tf.keep(ce);
-    out.rank[k] = tf.keep(tf.sum(tf.cast(tf.greater(logits, labelLogit), 'int32'), 1)); // [n]
+    out.rank[k] = labelRanks(logits, c.labels); // [n]
     total = tf.add(total, tf.mul(ce, c.weight));
   });
   return total;
@@ -286,15 +304,14 @@ export function medusa2LossAndGrads(decoder: Decoder, backbone: TrainableBackbon
       continue;
     }
     const weight = norm > 0 ? (o.headsCoefficient * Math.pow(o.decay, k)) / norm : 0;
-    hc.push({ rows, weight, onehot: scatterRows(rows.length, V, 1, labels, new Float32Array(rows.length).fill(1)) }); // [n, V]
+    hc.push({ rows, labels, weight, onehot: scatterRows(rows.length, V, 1, labels, new Float32Array(rows.length).fill(1)) }); // [n, V]
   }
   const lmc = lm && lmValid > 0 ? buildLmConst(decoder, batch, o, lm.rows, lm.tokens) : null;
 
   const hp = headsParams(heads);
   const params: TrainableParam[] = o.trainBackbone ? [...backbone.params, ...hp] : hp;
-  const out = { ce: new Array<tf.Tensor>(K), rank: new Array<tf.Tensor>(K) };
+  const out = { ce: new Array<tf.Tensor>(K), rank: new Array<Int32Array>(K) };
   let lmSum: tf.Tensor | null = null;
-  let studentLogits: tf.Tensor | null = null; // kept by decoderForward (tf.keep), so released here
   // Frozen backbone (heads warmup): hidden states outside the gradient scope.
   const frozenHidden = o.trainBackbone ? null : tf.tidy(() => {
     const r = decoderForward(decoder, { ids: batch.ids, batch: B, seqLen: T, mask: batch.attention, logits: 'none', hook: backbone.hook(null) });
@@ -311,11 +328,15 @@ export function medusa2LossAndGrads(decoder: Decoder, backbone: TrainableBackbon
         let total: tf.Scalar = tf.scalar(0);
         if (frozenHidden) hidden = frozenHidden;
         else {
-          const r = decoderForward(decoder, { ids: batch.ids, batch: B, seqLen: T, mask: batch.attention, logits: lmc ? 'all' : 'none', hook: backbone.hook(o.dropoutSeed) });
+          const hk = backbone.hook(o.dropoutSeed);
+          const r = decoderForward(decoder, { ids: batch.ids, batch: B, seqLen: T, mask: batch.attention, logits: 'none', hook: hk });
           hidden = tf.reshape(r.hidden, [B * T, d]) as tf.Tensor2D; // [B*T, d]
-          studentLogits = r.logits;
-          if (lmc && r.logits && lm) {
-            const rowsLogits = gatherRows(tf.reshape(r.logits, [B * T, V]) as tf.Tensor2D, lm.rows); // [n, V]
+          if (lmc && lm) {
+            // The LM head on the LM term's rows only (as decoderForward's lm_head: weights, product and adapter of the hook).
+            const hRows = gatherRows(hidden, lm.rows); // [n, d]
+            const w = hk.weights?.lmHead ?? decoder.weights.lmHead; // [d, V]
+            const z: tf.Tensor2D = hk.matMul ? hk.matMul(hRows, w, 'lm_head', -1) : tf.matMul(hRows, w) as tf.Tensor2D; // [n, V]
+            const rowsLogits = hk.linear ? hk.linear('lm_head', -1, hRows, z) : z; // [n, V]
             const s = lmTermSum(rowsLogits, lmc); // []
             lmSum = tf.keep(s);
             if (lmNorm > 0) total = tf.add(total, tf.div(s, lmNorm));
@@ -337,7 +358,6 @@ export function medusa2LossAndGrads(decoder: Decoder, backbone: TrainableBackbon
     for (const p of params) if (!grads.has(p.name)) grads.set(p.name, tf.zerosLike(p.variable));
   } finally {
     frozenHidden?.dispose();
-    (studentLogits as tf.Tensor | null)?.dispose();
     disposeLmConst(lmc);
     for (const c of hc) c?.onehot.dispose();
   }
@@ -348,10 +368,9 @@ export function medusa2LossAndGrads(decoder: Decoder, backbone: TrainableBackbon
     let ceSum = NaN;
     if (out.ce[k]) {
       ceSum = out.ce[k].dataSync()[0];
-      const ranks = out.rank[k].dataSync();
+      const ranks = out.rank[k];
       for (let i = 0; i < ranks.length; i++) for (let j = 0; j < TOPK_REPORTED; j++) if (ranks[i] < j + 1) correct[j]++;
       out.ce[k].dispose();
-      out.rank[k].dispose();
     }
     headResults.push({ loss: valid[k] > 0 ? ceSum / valid[k] : NaN, valid: valid[k], correct });
   }

@@ -15,11 +15,12 @@
  */
 import * as tf from '@tensorflow/tfjs';
 import { fail } from '../errors.js';
-import type { Decoder, ForwardHook, LinearSite } from '../model/decoder.js';
+import type { Decoder, ForwardHook, LinearSite, MatMulSite } from '../model/decoder.js';
 import type { DecoderWeights, LayerWeights } from '../model/weights.js';
 import { trainableParams as headParams, type MedusaHeads } from '../model/heads.js';
 import { Rng, streamSeed } from '../model/sampling.js';
 import { initLoraA, loraModules, loraScale, type LoraModule } from './lora.js';
+import { matMulConstB, matMulFast } from './fast-grad.js';
 
 export type BackboneSpec =
   | { mode: 'lora'; rank: number; alpha: number; dropout: number; targets: string[]; trainEmbeddings: boolean }
@@ -178,8 +179,17 @@ export function createTrainableBackbone(decoder: Decoder, spec: BackboneSpec, se
 
   const params: TrainableParam[] = pieces.map((p) => ({ name: p.name, variable: p.variable, group: 'backbone', weightDecay: p.weightDecay }));
 
+  // Whether the weight a product reads is trained (so it needs a gradient): full-mode layers, and a tied
+  // lm_head when the embeddings train. Frozen weights take matMulConstB (no weight gradient computed).
+  const tiedTrainedHead = embedVar !== null && c.tieWordEmbeddings;
+  const trainedWeight = (site: MatMulSite, layer: number): boolean =>
+    site === 'attention' || (site === 'lm_head' ? tiedTrainedHead : full.has(layer));
+
   const hook = (dropoutSeed: number | null): ForwardHook => {
-    const h: ForwardHook = {};
+    // Every product with explicit-transpose gradients (tfjs-wasm runs transposed matmuls in a scalar loop).
+    const h: ForwardHook = {
+      matMul: (a, b, site, layer) => (trainedWeight(site, layer) ? matMulFast(a, b) : matMulConstB(a, b)), // [m, n]
+    };
     if (embedVar) {
       const ev = embedVar as tf.Variable<tf.Rank.R2>;
       h.embed = (ids) => gatherRows(ev, ids); // [B*T, d]
@@ -215,7 +225,7 @@ export function createTrainableBackbone(decoder: Decoder, spec: BackboneSpec, se
         const ad = lora.get(`${site}:${layer}`);
         if (!ad) return output;
         const x = dropoutSeed !== null && dropout > 0 ? tf.dropout(input, dropout, undefined, streamSeed(dropoutSeed, ad.index)) : input; // [n, in]
-        const delta = tf.mul(tf.matMul(tf.matMul(x, ad.a as tf.Tensor2D), ad.b as tf.Tensor2D), scale); // [n, out]
+        const delta = tf.mul(matMulFast(matMulFast(x as tf.Tensor2D, ad.a as tf.Tensor2D), ad.b as tf.Tensor2D), scale); // [n, out]
         return tf.add(output, delta) as tf.Tensor2D; // [n, out]
       };
     }
