@@ -32,6 +32,8 @@ export interface ChartOptions {
   rows: ChartRow[];
   /** Space the x values evenly (e.g. tree budgets 4, 8, 16, ...). */
   ordinalX?: boolean;
+  /** x values are integers (steps): whole-number ticks only. */
+  integerX?: boolean;
   /** Legend titles (null: none). */
   seriesTitle?: string | null;
   dashTitle?: string | null;
@@ -59,11 +61,13 @@ export function chartSpec(o: ChartOptions): vl.TopLevelSpec {
   const dashes = firstSeen(o.rows.map((r) => r.dash));
   const facets = firstSeen(o.rows.map((r) => r.facet));
   const encoding: Record<string, unknown> = {
-    x: o.ordinalX ? { field: 'x', type: 'ordinal', title: o.xTitle, axis: { labelAngle: 0 } } : { field: 'x', type: 'quantitative', title: o.xTitle },
+    x: o.ordinalX
+      ? { field: 'x', type: 'ordinal', title: o.xTitle, axis: { labelAngle: 0 } }
+      : { field: 'x', type: 'quantitative', title: o.xTitle, ...(o.integerX ? { axis: { tickMinStep: 1, format: 'd' } } : {}) },
     y: { field: 'y', type: 'quantitative', title: o.yTitle, scale: { zero: o.zeroY ?? false } },
     color: {
       field: 'series', type: o.orderedSeries ? 'ordinal' : 'nominal', sort: series, title: o.seriesTitle ?? null,
-      ...(o.orderedSeries ? { scale: { scheme: 'viridis' } } : {}), legend: { labelLimit: 400 },
+      ...(o.orderedSeries ? { scale: { scheme: 'viridis' } } : {}), legend: series.length > 1 ? { labelLimit: 400 } : null,
     },
   };
   if (dashes.length > 0) encoding['strokeDash'] = { field: 'dash', type: 'nominal', sort: dashes, title: o.dashTitle ?? null };

@@ -136,28 +136,28 @@ export function metricsCharts(rows: MetricsRow[]): Chart[] {
   if (loss.length > 0) {
     charts.push({
       data: { id: 'loss', title: 'Loss over training steps', source: src, rows: loss },
-      options: { xTitle: 'step', yTitle: 'loss', seriesTitle: 'row type and key' },
+      options: { xTitle: 'step', integerX: true, yTitle: 'loss', seriesTitle: 'row type and key' },
       caption: 'Training and held-out eval loss (MEDUSA-2 also logs lm_loss and heads_loss: the combined loss is lm_loss + lambda x heads_loss). Eval rows are logged every eval.every steps and at the end.',
     });
   }
   if (headLoss.length > 0) {
     charts.push({
       data: { id: 'head-loss', title: 'Per-head loss over training steps', source: src, rows: headLoss },
-      options: { xTitle: 'step', yTitle: 'cross-entropy', seriesTitle: 'head', dashTitle: 'row type' },
+      options: { xTitle: 'step', integerX: true, yTitle: 'cross-entropy', seriesTitle: 'head', dashTitle: 'row type' },
       caption: 'Cross-entropy of each head (head k predicts the token k + 2 positions ahead), on the training batch (train) and on the held-out split (eval).',
     });
   }
   if (acc.length > 0) {
     charts.push({
       data: { id: 'head-accuracy', title: 'Per-head top-k accuracy over training steps', source: src, rows: acc },
-      options: { xTitle: 'step', yTitle: 'accuracy', seriesTitle: 'top-k', dashTitle: 'row type', orderedSeries: true, facetColumns: 3, width: 300, height: 180 },
+      options: { xTitle: 'step', integerX: true, yTitle: 'accuracy', seriesTitle: 'top-k', dashTitle: 'row type', orderedSeries: true, facetColumns: 3, width: 300, height: 180 },
       caption: "One panel per head: the fraction of positions where the head's label is within its top-k guesses (k = 1 .. 10), on training batches and on the held-out split.",
     });
   }
   for (const [type, list] of figures) {
     charts.push({
       data: { id: `${slug(type)}-figures`, title: `Other figures of the ${type} rows`, source: src, rows: list },
-      options: { xTitle: 'step', yTitle: 'value', seriesTitle: null, independentY: true, facetColumns: 3, width: 260, height: 130 },
+      options: { xTitle: 'step', integerX: true, yTitle: 'value', seriesTitle: null, independentY: true, facetColumns: 3, width: 260, height: 130 },
       caption: `Every other number of the "${type}" rows of metrics.jsonl, one panel per key (heads[k].valid = positions each head was scored on).`,
     });
   }
