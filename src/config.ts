@@ -151,7 +151,7 @@ const loss2Shape = {
     'topk',
     "kd teacher: topk = the teacher's top-k log-probabilities stored by `distill --teacher-topk`; frozen = a frozen copy of the original model run during training",
   ),
-  heads_schedule: enumOf(['constant', 'linear', 'sine', 'sine_warmup'], 'sine', 'ramp of the heads term over training: lambda_0 x schedule(step) (sine_warmup rises over the first heads_schedule_fraction of the steps)'),
+  heads_schedule: enumOf(['constant', 'linear', 'sine', 'sine_warmup'], 'sine', 'ramp of the heads term over training: lambda_0 x schedule(step) (sine_warmup rises over the first heads_schedule_fraction of the steps; with medusa2.heads_warmup_steps, over the joint steps only)'),
   heads_schedule_fraction: field(z.number().gt(0).max(1).default(0.3), 'a number in (0, 1]', 'r: for sine_warmup, the fraction of the steps over which the heads term rises'),
 };
 
