@@ -22,10 +22,11 @@ export function matMulFast(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
     const value = tf.matMul(x, w); // [m, n]
     const gradFunc = (dy: tf.Tensor, saved: tf.Tensor[]): tf.Tensor[] => {
       const [xs, ws] = saved as tf.Tensor2D[];
-      return [
+      // tidy: tfjs runs a custom gradient outside the backward's per-node tidy, so temporaries would live to its end
+      return tf.tidy(() => [
         tf.matMul(dy as tf.Tensor2D, tf.transpose(ws)), // [m, n] @ [n, k] -> [m, k]
         tf.matMul(tf.transpose(xs), dy as tf.Tensor2D), // [k, m] @ [m, n] -> [k, n]
-      ];
+      ]);
     };
     return { value, gradFunc };
   });
@@ -40,7 +41,7 @@ export function matMulConstB(a: tf.Tensor2D, b: tf.Tensor2D): tf.Tensor2D {
   const f = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
     const x = args[0] as tf.Tensor2D; // [m, k]
     const value = tf.matMul(x, b); // [m, n]
-    const gradFunc = (dy: tf.Tensor): tf.Tensor => tf.matMul(dy as tf.Tensor2D, tf.transpose(b)); // [m, n] @ [n, k] -> [m, k]
+    const gradFunc = (dy: tf.Tensor): tf.Tensor => tf.tidy(() => tf.matMul(dy as tf.Tensor2D, tf.transpose(b))); // [m, n] @ [n, k] -> [m, k]
     return { value, gradFunc };
   });
   return f(a) as tf.Tensor2D;
@@ -80,7 +81,7 @@ export function weightedNllSum(logits: tf.Tensor2D, weights: tf.Tensor2D, comple
       value = tf.sub(value, tf.sum(tf.mul(tf.reshape(complement.rest, [-1, 1]), logRest))); // []
     }
     save(logRest ? [logp, logRest] : [logp]);
-    const gradFunc = (dy: tf.Tensor, saved: tf.Tensor[]): tf.Tensor => {
+    const gradFunc = (dy: tf.Tensor, saved: tf.Tensor[]): tf.Tensor => tf.tidy(() => {
       const [lp, lr] = saved; // [n, V], [n, 1]
       const p = tf.exp(lp); // [n, V]
       let coef: tf.Tensor = tf.sum(weights, 1, true); // [n, 1] W
@@ -92,8 +93,30 @@ export function weightedNllSum(logits: tf.Tensor2D, weights: tf.Tensor2D, comple
         g = tf.sub(g, tf.mul(r, qC)); // [n, V]
       }
       return tf.mul(tf.add(g, tf.mul(coef, p)), dy); // [n, V]
-    };
+    });
     return { value: value as tf.Scalar, gradFunc };
   });
   return f(logits) as tf.Scalar;
+}
+
+/**
+ * tfjs keeps every tensor a gradient needs through engine.clone (the Identity kernel), and tfjs-wasm 4.22's
+ * Identity copies the data: the whole forward under the tape is held twice (measured: about a quarter of a
+ * MEDUSA-2 step's peak tensor memory on the 20M bench model). This registers, for the wasm backend only, an
+ * Identity that shares the data with a reference count, as wasm's own Reshape and the cpu / webgl Identity
+ * do (tensors are immutable in tfjs; nothing writes into a tensor's memory after it is made). Idempotent;
+ * a no-op on other backends.
+ */
+export function shareIdentityDataOnWasm(): void {
+  if (tf.getBackend() !== 'wasm') return;
+  const current = tf.getKernel('Identity', 'wasm');
+  if (current?.kernelFunc === sharedIdentity) return;
+  if (current) tf.unregisterKernel('Identity', 'wasm');
+  tf.registerKernel({ kernelName: 'Identity', backendName: 'wasm', kernelFunc: sharedIdentity });
+}
+
+function sharedIdentity(args: { inputs: tf.NamedTensorInfoMap; backend: unknown }): tf.TensorInfo {
+  const x = args.inputs.x as tf.TensorInfo;
+  (args.backend as { incRef(dataId: object): void }).incRef(x.dataId);
+  return { dataId: x.dataId, shape: x.shape, dtype: x.dtype };
 }

@@ -33,7 +33,7 @@ import { decoderForward, type Decoder } from '../model/decoder.js';
 import type { MedusaHeads } from '../model/heads.js';
 import { headTargets, TOPK_REPORTED } from './heads-loss.js';
 import { gatherRows, headsParams, type TrainableBackbone, type TrainableParam } from './trainable-backbone.js';
-import { matMulConstB, matMulFast, weightedNllSum } from './fast-grad.js';
+import { matMulConstB, matMulFast, shareIdentityDataOnWasm, weightedNllSum } from './fast-grad.js';
 
 export type HeadsScheduleKind = 'constant' | 'linear' | 'sine' | 'sine_warmup';
 
@@ -283,6 +283,7 @@ function headsTerm(heads: MedusaHeads, hidden: tf.Tensor2D, hc: (HeadConst | nul
 
 export function medusa2LossAndGrads(decoder: Decoder, backbone: TrainableBackbone, heads: MedusaHeads, batch: Medusa2Batch, o: Medusa2LossOptions): Medusa2StepResult {
   checkBatch(decoder, batch, o);
+  shareIdentityDataOnWasm();
   const { B, T } = batch;
   const d = decoder.config.hiddenSize;
   const V = decoder.config.vocabSize;
