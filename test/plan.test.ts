@@ -66,9 +66,10 @@ test('plan estimates memory within 1.5x and time within 3x of a measured short r
   const s = JSON.parse(t.out) as { steps: number; totalSteps: number; trainTokens: number; tokensPerSecond: number; runDir: string };
   expect(plan.data.totalSteps).toBe(60);
   expect(s.steps).toBe(60);
-  // the training loop's wall time (steps + the evaluation at its end), from the run's own figures
+  // the training loop's wall time (steps + evaluations + checkpoints at every 20), from the run's own figures
   const loopSeconds = s.trainTokens / s.tokensPerSecond;
-  const planned = plan.time!.trainSeconds + plan.time!.evalSeconds;
+  const planned = plan.time!.trainSeconds + plan.time!.evalSeconds + plan.time!.checkpointSeconds;
+  expect([plan.time!.evals, plan.time!.checkpoints]).toEqual([3, 3]);
   // padded tokens the plan walked vs the real tokens the run counted: the same batches
   expect(plan.data.paddedTokens).toBeGreaterThanOrEqual(s.trainTokens);
   within(planned / 60, loopSeconds / 60, 3);

@@ -8,22 +8,22 @@
  * `checkpoint.keep` x (heads + both AdamW moments [+ the trainable backbone and its moments]) in f32.
  *
  * Memory and time come from a short probe of the recipe's real step, built from the recipes' own
- * building blocks on the run's largest padded batch (largest B x T of epoch 0, so activations are
- * measured at the run's worst case): medusa1 = the backbone engine's forward (chooseBackbone) + the
- * heads trainer's step and evaluate (createHeadsTrainer); medusa2 = medusa2LossAndGrads on the
- * trainable backbone + clipping + AdamW (joint steps; heads-only steps when there is a heads warmup).
- * One untimed warm-up call, then timed calls until `probeSteps` or `probeSeconds` is reached.
+ * building blocks: medusa1 = the backbone engine's forward (chooseBackbone) + the heads trainer's step
+ * and evaluate (createHeadsTrainer); medusa2 = medusa2LossAndGrads on the trainable backbone + clipping +
+ * AdamW (joint steps; heads-only steps for a heads warmup and evals). Each part is called once, untimed,
+ * on epoch 0's largest padded batch (largest B x T: the memory peak at the run's worst case, and the
+ * warm-up), then once on each of the run's first `probeSteps` micro-batches in its order, timed.
  *
  * Memory model (stated in the report): peak RSS = RSS after loading (runtime + weights + engines +
  * optimizer state) + the in-memory hidden-state cache + the probe's transient growth (peak RSS during
  * the probe, from /proc/self/status VmHWM after resetting it, minus RSS before it) scaled by
  * (run's largest B x T) / (probe B x T) (1 when the probe used the run's largest batch).
  *
- * Time model (stated in the report): seconds per padded token, measured per part (backbone forward,
- * heads step, heads evaluate; medusa2 joint and heads-only steps), times the padded tokens of every
- * micro-batch of the run's actual batch plans (planEpoch for each epoch the steps reach), plus the
- * measured setup, the cache fill (forward rate x the cached tokens) and the evaluations at eval.every.
- * Checkpoint writes are not counted.
+ * Time model (stated in the report): each part's seconds per call = a + b x padded tokens, fitted by least
+ * squares over the timed calls (a covers per-call overheads that dominate small batches), summed over
+ * every micro-batch of the run's actual batch plans (planEpoch for each epoch the steps reach), plus the
+ * measured setup, the cache fill (the forward over the cached batches), the evaluations at eval.every and
+ * the checkpoint writes at checkpoint.every (a write + fsync of the checkpoint's size, timed).
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -49,6 +49,7 @@ import { createTrainableBackbone, headsParams, type BackboneSpec, type Trainable
 import { medusa2LossAndGrads, type Medusa2Batch } from '../train/medusa2-loss.js';
 import { AdamW, adamwParamGroups } from '../train/optimizer.js';
 import { clipGradNorm } from '../train/clip.js';
+import { fsyncDir, writeFileAtomic } from '../io/atomic.js';
 
 /** The machine's limits (measured unless given: tests fake them). */
 export interface MachineLimits {
@@ -61,9 +62,9 @@ export interface MachineLimits {
 export interface PlanOptions {
   /** Run the probe (default true); without it only disk is estimated. */
   probe?: boolean;
-  /** Timed probe calls per part, at most (default 3). */
+  /** Timed probe calls per part (the run's first batches), at most (default 8). */
   probeSteps?: number;
-  /** Stop timing a part after this many seconds once one call is timed (default 2). */
+  /** Stop timing a part after this many seconds once two calls are timed (default 2). */
   probeSeconds?: number;
   machine?: Partial<MachineLimits>;
   log?: (line: string) => void;
@@ -121,13 +122,16 @@ export interface PlanReport {
   };
   time: null | {
     model: string;
-    probe: { part: string; calls: number; tokens: number; seconds: number; secondsPerToken: number }[];
+    /** Per part: seconds per call = perCall + perToken x padded tokens, fitted over the timed calls. */
+    probe: { part: string; calls: number; points: { tokens: number; secondsPerCall: number }[]; perCall: number; perToken: number }[];
     setupSeconds: number;
     cacheFillSeconds: number;
     trainSeconds: number;
     secondsPerStep: number;
     evalSeconds: number;
     evals: number;
+    checkpointSeconds: number;
+    checkpoints: number;
     totalSeconds: number;
   };
   /** Extra facts or caveats (e.g. synthetic teacher values in the probe). */
@@ -184,25 +188,66 @@ function peakTracker(): { sample(): void; peak(): number; source: string } {
   };
 }
 
-/** Time `call` once untimed (warm-up), then up to `steps` times within about `seconds`. */
-async function timeCalls(part: string, tokens: number, steps: number, seconds: number, sample: () => void, call: () => Promise<void> | void): Promise<PlanReportTimePart> {
-  await call();
+/**
+ * One untimed warm-up call (on the run's largest batch: it also sets the memory peak), then each of
+ * `points` (a call on one of the run's own batches, `tokens` padded tokens) once, timed, as the run meets
+ * them (distinct shapes: engines that plan per shape pay that as the run does), stopping after `seconds`
+ * once two are timed; a + b x tokens fitted by least squares (the proportional model when the fit is not
+ * positive or the sizes do not differ).
+ */
+async function timePart(part: string, warmup: () => Promise<void> | void, points: { tokens: number; call: () => Promise<void> | void }[], seconds: number, sample: () => void): Promise<PlanReportTimePart> {
+  await warmup();
   sample();
-  let calls = 0;
+  const measured: { tokens: number; secondsPerCall: number }[] = [];
   const t0 = performance.now();
-  while (calls < steps) {
-    await call();
+  for (const pt of points) {
+    const t = performance.now();
+    await pt.call();
+    measured.push({ tokens: pt.tokens, secondsPerCall: (performance.now() - t) / 1000 });
     sample();
-    calls++;
-    if ((performance.now() - t0) / 1000 >= seconds) break;
+    if (measured.length >= 2 && (performance.now() - t0) / 1000 >= seconds) break;
   }
-  const s = (performance.now() - t0) / 1000;
-  return { part, calls, tokens: tokens * calls, seconds: s, secondsPerToken: s / (tokens * calls) };
+  const n = measured.length;
+  const mx = measured.reduce((a, m) => a + m.tokens, 0) / n;
+  const my = measured.reduce((a, m) => a + m.secondsPerCall, 0) / n;
+  const sxx = measured.reduce((a, m) => a + (m.tokens - mx) ** 2, 0);
+  const sxy = measured.reduce((a, m) => a + (m.tokens - mx) * (m.secondsPerCall - my), 0);
+  let perToken = sxx > 0 ? sxy / sxx : 0;
+  let perCall = my - perToken * mx;
+  if (!(sxx > 0) || perToken <= 0 || perCall < 0) {
+    perToken = my / mx;
+    perCall = 0;
+  }
+  return { part, calls: n, points: measured, perCall, perToken };
 }
 type PlanReportTimePart = NonNullable<PlanReport['time']>['probe'][number];
 
-/** Padded tokens of the micro-batches of every optimizer step of the run, and the largest batch. */
-function runBatches(c: TrainConfig, trainLengths: number[]): { stepsPerEpoch: number; totalSteps: number; perStep: number[]; maxB: number; maxT: number; largest: number[] } {
+/**
+ * Seconds to write one checkpoint of `bytes` the way saveCheckpoint does (files written and fsynced, then
+ * renamed, folder fsynced): timed on at most 64 MiB in a temporary file in `dir`, scaled linearly, file removed.
+ */
+function checkpointWriteSeconds(dir: string, bytes: number): number {
+  const probeBytes = Math.max(1, Math.min(bytes, 64 * MiB));
+  const file = path.join(dir, `.medusa-plan-probe-${process.pid}`);
+  const t0 = performance.now();
+  try {
+    writeFileAtomic(file, [new Uint8Array(probeBytes)]);
+    fsyncDir(dir);
+  } catch {
+    return 0; // not writable here: the disk check reports the space; the time is left out
+  } finally {
+    fs.rmSync(file, { force: true });
+  }
+  return ((performance.now() - t0) / 1000) * (bytes / probeBytes);
+}
+
+/** Seconds of `part` over calls on batches of these padded tokens. */
+function costOf(p: PlanReportTimePart, batches: number[]): number {
+  return batches.reduce((a, n) => a + p.perCall + p.perToken * n, 0);
+}
+
+/** Padded tokens of the micro-batches of every optimizer step of the run, epoch 0's largest batch and its plan. */
+function runBatches(c: TrainConfig, trainLengths: number[]): { stepsPerEpoch: number; totalSteps: number; perStep: number[][]; maxB: number; maxT: number; largest: number[]; first: number[][] } {
   const planOf = (epoch: number): number[][] => planEpoch(trainLengths, { batchSize: c.data.batch_size, seed: c.run.seed, epoch, shuffle: c.data.shuffle, groupByLength: c.data.group_by_length });
   let plan = planOf(0);
   const stepsPerEpoch = Math.ceil(plan.length / c.train.grad_accum);
@@ -211,37 +256,35 @@ function runBatches(c: TrainConfig, trainLengths: number[]): { stepsPerEpoch: nu
   let largest = plan[0];
   for (const b of plan) if (padded(b) > padded(largest)) largest = b;
   // the recipes' micro-batch walk: an epoch's last accumulation may be shorter
-  const perStep: number[] = [];
+  const perStep: number[][] = [];
   let epoch = 0;
   let next = 0;
   for (let s = 0; s < totalSteps; s++) {
-    let tokens = 0;
-    let m = 0;
-    while (m < c.train.grad_accum) {
+    const micro: number[] = [];
+    while (micro.length < c.train.grad_accum) {
       if (next >= plan.length) {
-        if (m > 0) break;
+        if (micro.length > 0) break;
         epoch++;
         next = 0;
         plan = planOf(epoch);
       }
-      tokens += padded(plan[next++]);
-      m++;
+      micro.push(padded(plan[next++]));
     }
-    perStep.push(tokens);
+    perStep.push(micro);
   }
-  return { stepsPerEpoch, totalSteps, perStep, maxB: largest.length, maxT: Math.max(...largest.map((i) => trainLengths[i])), largest };
+  return { stepsPerEpoch, totalSteps, perStep, maxB: largest.length, maxT: Math.max(...largest.map((i) => trainLengths[i])), largest, first: planOf(0) };
 }
 
-/** Padded tokens of the batches in the order the eval / cache passes make them. */
-function passTokens(lengths: number[], batchSize: number, sorted: boolean): number {
+/** Padded tokens of each batch in the order the eval / cache passes make them. */
+function passBatches(lengths: number[], batchSize: number, sorted: boolean): number[] {
   const order = lengths.map((_, i) => i);
   if (sorted) order.sort((x, y) => lengths[x] - lengths[y] || x - y);
-  let n = 0;
+  const out: number[] = [];
   for (let s = 0; s < order.length; s += batchSize) {
     const idx = order.slice(s, s + batchSize);
-    n += idx.length * Math.max(...idx.map((i) => lengths[i]));
+    out.push(idx.length * Math.max(...idx.map((i) => lengths[i])));
   }
-  return n;
+  return out;
 }
 
 /** MEDUSA-2's backbone spec from the config (the same mapping as the recipe's). */
@@ -259,7 +302,7 @@ function headsElements(s: HeadsShape): number {
 export async function planRun(c: TrainConfig, o: PlanOptions = {}): Promise<PlanReport> {
   const log = o.log ?? ((): void => {});
   const probe = o.probe ?? true;
-  const probeSteps = o.probeSteps ?? 3;
+  const probeSteps = o.probeSteps ?? 8;
   const probeSeconds = o.probeSeconds ?? 2;
   const t0 = performance.now();
   const rssStart = process.memoryUsage.rss();
@@ -291,7 +334,8 @@ export async function planRun(c: TrainConfig, o: PlanOptions = {}): Promise<Plan
     const trainLengths = train.map((e) => e.inputIds.length);
     const allLengths = [...trainLengths, ...evalSet.map((e) => e.inputIds.length)];
     const rb = runBatches(c, trainLengths);
-    const paddedTokens = rb.perStep.reduce((a, x) => a + x, 0);
+    const microBatches = rb.perStep.flat();
+    const paddedTokens = microBatches.reduce((a, x) => a + x, 0);
 
     // --- disk ---
     const cacheWhere = c.recipe === 'medusa1' ? c.train.cache_hidden_states : 'none';
@@ -324,10 +368,14 @@ export async function planRun(c: TrainConfig, o: PlanOptions = {}): Promise<Plan
       return report;
     }
 
-    // --- probe: the recipe's step on the run's largest batch ---
+    // --- probe: the recipe's step on the run's largest batch (memory, time) and one short row (time) ---
     const pb = padBatch(train, rb.largest, padId);
+    // the timed points: the run's own first micro-batches, in its order
+    const first = rb.first.slice(0, probeSteps).map((idx) => padBatch(train, idx, padId));
     const probeTokens = pb.B * pb.T;
-    const evalTokens = passTokens(evalSet.map((e) => e.inputIds.length), c.data.batch_size, false);
+    const sizes = [pb, ...first];
+    const evalBatches = passBatches(evalSet.map((e) => e.inputIds.length), c.data.batch_size, false);
+    const evalTokens = evalBatches.reduce((a, x) => a + x, 0);
     const evals = evalSet.length === 0 ? 0 : Math.floor(rb.totalSteps / c.eval.every) + (rb.totalSteps % c.eval.every === 0 ? 0 : 1);
     let parts: PlanReportTimePart[];
     let rssLoaded: number;
@@ -347,18 +395,30 @@ export async function planRun(c: TrainConfig, o: PlanOptions = {}): Promise<Plan
       setupSeconds = (performance.now() - t0) / 1000;
       rssLoaded = process.memoryUsage.rss();
       tracker = peakTracker();
-      let hidden: Float32Array = new Float32Array(0);
-      const forward = await timeCalls('backbone forward', probeTokens, probeSteps, probeSeconds, tracker.sample, async () => {
-        hidden = (await bb.forward({ ids: pb.ids, batch: pb.B, seqLen: pb.T, mask: pb.attention, logits: 'none' })).hidden; // [B*T, d]
-      });
-      const hb: HeadsBatch = { hidden, ids: pb.ids, lossMask: pb.lossMask, lengths: pb.lengths, T: pb.T };
-      const step = await timeCalls('heads step', probeTokens, probeSteps, probeSeconds, tracker.sample, async () => void (await trainer.step([hb], c.train.lr)));
-      const ev = await timeCalls('heads evaluate', probeTokens, probeSteps, probeSeconds, tracker.sample, async () => void (await trainer.evaluate(hb)));
-      parts = [forward, step, ev];
+      const forwardOf = async (b: PaddedBatch): Promise<HeadsBatch> => {
+        const hidden = (await bb.forward({ ids: b.ids, batch: b.B, seqLen: b.T, mask: b.attention, logits: 'none' })).hidden; // [B*T, d]
+        return { hidden, ids: b.ids, lossMask: b.lossMask, lengths: b.lengths, T: b.T };
+      };
+      const inputs: HeadsBatch[] = [];
       const cached = cacheWhere !== 'none';
-      cacheFillSeconds = cached ? forward.secondsPerToken * passTokens(allLengths, c.data.batch_size, true) : 0;
-      trainSeconds = paddedTokens * (step.secondsPerToken + (cached ? 0 : forward.secondsPerToken));
-      evalSeconds = evals * evalTokens * (ev.secondsPerToken + (cached ? 0 : forward.secondsPerToken));
+      const stepOf = async (hb: HeadsBatch): Promise<void> => void (await trainer.step([hb], c.train.lr));
+      // as the run calls them: with a cache, the forwards in one pass (the fill) and then the steps; without,
+      // forward then step per batch (two engines in turn: e.g. onnxruntime's spinning thread pools cost there)
+      let train: PlanReportTimePart;
+      if (cached) {
+        const forward = await timePart('backbone forward (the cache fill)', async () => void (inputs[0] = await forwardOf(pb)), first.map((b, i) => ({ tokens: b.B * b.T, call: async () => void (inputs[i + 1] = await forwardOf(b)) })), probeSeconds, tracker.sample);
+        train = await timePart('heads step (hidden states from the cache)', () => stepOf(inputs[0]), inputs.slice(1).map((hb) => ({ tokens: hb.ids.length, call: () => stepOf(hb) })), probeSeconds, tracker.sample);
+        parts = [forward, train];
+        cacheFillSeconds = costOf(forward, passBatches(allLengths, c.data.batch_size, true));
+      } else {
+        train = await timePart('backbone forward + heads step', async () => stepOf(inputs[0] = await forwardOf(pb)), first.map((b, i) => ({ tokens: b.B * b.T, call: async () => stepOf(inputs[i + 1] = await forwardOf(b)) })), probeSeconds, tracker.sample);
+        parts = [train];
+      }
+      const ev = await timePart('heads evaluate', async () => void (await trainer.evaluate(inputs[0])), inputs.slice(1).map((hb) => ({ tokens: hb.ids.length, call: async () => void (await trainer.evaluate(hb)) })), probeSeconds, tracker.sample);
+      parts.push(ev);
+      trainSeconds = costOf(train, microBatches);
+      // without a cache an eval batch is a forward + the heads' evaluate: counted at the forward + step rate (an upper bound)
+      evalSeconds = evals * costOf(cached ? ev : train, evalBatches);
     } else {
       const m2 = c.medusa2;
       let heads: MedusaHeads | undefined;
@@ -372,13 +432,13 @@ export async function planRun(c: TrainConfig, o: PlanOptions = {}): Promise<Plan
       cleanup.push(() => headsOpt.dispose());
       const backboneOpt = new AdamW(adamwParamGroups(backbone!.params, groups), adam);
       cleanup.push(() => backboneOpt.dispose());
-      const batch = medusa2ProbeBatch(c, decoder, pb, notes);
-      cleanup.push(() => batch.free());
+      const probeBatches = sizes.map((b) => medusa2ProbeBatch(c, decoder, b, notes));
+      for (const b of probeBatches) cleanup.push(() => b.free());
       setupSeconds = (performance.now() - t0) / 1000;
       rssLoaded = process.memoryUsage.rss();
       tracker = peakTracker();
-      const stepOnce = (joint: boolean): void => {
-        const r = medusa2LossAndGrads(decoder, backbone!, heads!, batch.batch, { lmLoss: c.loss.lm_loss, headsCoefficient: c.loss.heads_coefficient, decay: c.loss.decay, trainBackbone: joint, dropoutSeed: 1 });
+      const stepOnce = (batch: Medusa2Batch, joint: boolean): void => {
+        const r = medusa2LossAndGrads(decoder, backbone!, heads!, batch, { lmLoss: c.loss.lm_loss, headsCoefficient: c.loss.heads_coefficient, decay: c.loss.decay, trainBackbone: joint, dropoutSeed: 1 });
         const clipped = c.train.max_grad_norm === null ? r.grads : clipGradNorm(r.grads, c.train.max_grad_norm).grads;
         const pick = (names: string[]): Map<string, tf.Tensor> => new Map(names.map((n) => [n, clipped.get(n)!]));
         headsOpt.step(pick(headsOpt.names), c.train.lr);
@@ -387,18 +447,17 @@ export async function planRun(c: TrainConfig, o: PlanOptions = {}): Promise<Plan
         for (const g of r.grads.values()) g.dispose();
       };
       const headsWarmup = Math.min(m2.heads_warmup_steps, rb.totalSteps);
-      const joint = await timeCalls('joint step (medusa2LossAndGrads + clip + AdamW)', probeTokens, probeSteps, probeSeconds, tracker.sample, () => stepOnce(true));
+      const points = (joint: boolean) => probeBatches.slice(1).map((b) => ({ tokens: b.batch.B * b.batch.T, call: () => stepOnce(b.batch, joint) }));
+      const joint = await timePart('joint step (medusa2LossAndGrads + clip + AdamW)', () => stepOnce(probeBatches[0].batch, true), points(true), probeSeconds, tracker.sample);
       parts = [joint];
       let warm = joint;
       if (headsWarmup > 0 || evals > 0) {
-        warm = await timeCalls('heads-only step', probeTokens, probeSteps, probeSeconds, tracker.sample, () => stepOnce(false));
+        warm = await timePart('heads-only step', () => stepOnce(probeBatches[0].batch, false), points(false), probeSeconds, tracker.sample);
         parts.push(warm);
       }
-      let warmTokens = 0;
-      for (let s = 0; s < headsWarmup; s++) warmTokens += rb.perStep[s];
-      trainSeconds = warmTokens * warm.secondsPerToken + (paddedTokens - warmTokens) * joint.secondsPerToken;
+      trainSeconds = costOf(warm, rb.perStep.slice(0, headsWarmup).flat()) + costOf(joint, rb.perStep.slice(headsWarmup).flat());
       // an eval = the heads' forward on the tuned backbone + the gate's two forwards: about a heads-only step plus as much again
-      evalSeconds = evals * evalTokens * 2 * warm.secondsPerToken;
+      evalSeconds = evals * 2 * costOf(warm, evalBatches);
     }
     const peak = tracker.peak();
     const probeGrowth = Math.max(0, peak - rssLoaded);
@@ -418,10 +477,12 @@ export async function planRun(c: TrainConfig, o: PlanOptions = {}): Promise<Plan
     if (currentBackend().name === 'wasm' && wasmPart > WASM_HEAP_BYTES) {
       problems.push(`memory: about ${mib(wasmPart)} of weights and activations, over the wasm backend's ${mib(WASM_HEAP_BYTES)} heap; lower data.batch_size or data.max_seq_len, or use the native backend.`);
     }
-    const totalSeconds = setupSeconds + cacheFillSeconds + trainSeconds + evalSeconds;
+    const checkpoints = Math.floor(rb.totalSteps / c.checkpoint.every) + (rb.totalSteps % c.checkpoint.every === 0 ? 0 : 1);
+    const checkpointSeconds = checkpoints * checkpointWriteSeconds(machine.at, perCheckpoint);
+    const totalSeconds = setupSeconds + cacheFillSeconds + trainSeconds + evalSeconds + checkpointSeconds;
     report.time = {
-      model: `seconds per padded token of each part (probe: ${parts.map((p) => `${p.part} ${(p.secondsPerToken * 1e6).toFixed(2)} us/token over ${p.calls} call(s)`).join('; ')}) x the padded tokens of the run's batches (${paddedTokens} over ${rb.totalSteps} steps${cacheWhere !== 'none' ? ', the backbone only for the cache fill' : ''}) + measured setup + ${evals} eval(s) of ${evalTokens} padded tokens; checkpoint writes not counted`,
-      probe: parts, setupSeconds, cacheFillSeconds, trainSeconds, secondsPerStep: trainSeconds / Math.max(rb.totalSteps, 1), evalSeconds, evals, totalSeconds,
+      model: `each part's seconds per call = a + b x padded tokens, fitted over the run's first batches, each timed once after a warm-up on its largest (${parts.map((p) => `${p.part}: ${(p.perCall * 1e3).toFixed(2)} ms + ${(p.perToken * 1e6).toFixed(2)} us/token, ${p.calls} timed calls`).join('; ')}), summed over the run's ${microBatches.length} micro-batches (${paddedTokens} padded tokens over ${rb.totalSteps} steps${cacheWhere !== 'none' ? '; the backbone only for the cache fill' : ''}) + measured setup + ${evals} eval(s) of ${evalTokens} padded tokens + ${checkpoints} checkpoint write(s) (a ${mib(Math.min(perCheckpoint, 64 * MiB))} write + fsync timed in ${machine.at}, scaled to ${mib(perCheckpoint)})`,
+      probe: parts, setupSeconds, cacheFillSeconds, trainSeconds, secondsPerStep: trainSeconds / Math.max(rb.totalSteps, 1), evalSeconds, evals, checkpointSeconds, checkpoints, totalSeconds,
     };
     report.fits = problems.length === 0;
     return report;
@@ -480,7 +541,7 @@ export function formatPlan(r: PlanReport): string {
     L.push(`    model: ${r.memory.model}`);
   }
   if (r.time) {
-    L.push(`  time: about ${secs(r.time.totalSeconds)} = setup ${secs(r.time.setupSeconds)}${r.time.cacheFillSeconds > 0 ? ` + cache fill ${secs(r.time.cacheFillSeconds)}` : ''} + ${r.data.totalSteps} steps x ${r.time.secondsPerStep.toFixed(3)} s + ${r.time.evals} eval(s) ${secs(r.time.evalSeconds)}`);
+    L.push(`  time: about ${secs(r.time.totalSeconds)} = setup ${secs(r.time.setupSeconds)}${r.time.cacheFillSeconds > 0 ? ` + cache fill ${secs(r.time.cacheFillSeconds)}` : ''} + ${r.data.totalSteps} steps x ${r.time.secondsPerStep.toFixed(3)} s + ${r.time.evals} eval(s) ${secs(r.time.evalSeconds)} + ${r.time.checkpoints} checkpoint(s) ${secs(r.time.checkpointSeconds)}`);
     L.push(`    model: ${r.time.model}`);
   }
   for (const n of r.notes) L.push(`  note: ${n}`);
