@@ -219,6 +219,33 @@ describe.each(['wasm', 'cpu'] as const)('MEDUSA-2 loss on %s', (backendName) => 
     }
   });
 
+  test('one row per autograd pass (maxRowsPerPass 1) gives the single pass\'s losses, counts and gradients, also in the heads warmup', () => {
+    for (const c of CASES) {
+      for (const trainBackbone of [true, false]) {
+        const L = load(c);
+        const s = setup(c, L);
+        const o = { lmLoss: c.lm_loss, headsCoefficient: c.heads_coefficient, decay: c.decay, trainBackbone, dropoutSeed: 1 };
+        const one = medusa2LossAndGrads(s.decoder, s.backbone, s.heads, s.batch, o);
+        const before = tf.memory().numTensors;
+        const split = medusa2LossAndGrads(s.decoder, s.backbone, s.heads, s.batch, { ...o, maxRowsPerPass: 1 });
+        expect(tf.memory().numTensors - before).toBe(split.grads.size); // only the returned gradients stay
+        const tag = `${c.name} trainBackbone ${trainBackbone}`;
+        expect([tag, Math.abs(split.loss - one.loss) / Math.abs(one.loss) < 1e-5]).toEqual([tag, true]);
+        expect([tag, Math.abs(split.lmLoss - one.lmLoss) <= 1e-5 * Math.abs(one.lmLoss)]).toEqual([tag, true]);
+        expect(split.lmValid).toBe(one.lmValid);
+        split.heads.forEach((h, k) => {
+          expect(h.valid).toBe(one.heads[k].valid);
+          expect(h.correct).toEqual(one.heads[k].correct);
+          expect([tag, k, Math.abs(h.loss - one.heads[k].loss) / Math.abs(one.heads[k].loss) < 1e-5]).toEqual([tag, k, true]);
+        });
+        expect([...split.grads.keys()].sort()).toEqual([...one.grads.keys()].sort());
+        for (const [name, g] of one.grads) expect([tag, name, relErr(split.grads.get(name)!.dataSync(), g.dataSync()) < 1e-5]).toEqual([tag, name, true]);
+        for (const g of [...one.grads.values(), ...split.grads.values()]) g.dispose();
+        s.dispose();
+      }
+    }
+  });
+
   test('LoRA with B = 0 (fresh adapters on every target) gives exactly the base logits, with and without dropout', () => {
     const { decoder } = loadDecoder(path.join(FIX, 'llama'));
     const ids = Int32Array.from({ length: 2 * 12 }, (_, i) => 3 + ((i * 7) % 60));

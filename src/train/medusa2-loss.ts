@@ -33,6 +33,7 @@ import { decoderForward, type Decoder } from '../model/decoder.js';
 import type { MedusaHeads } from '../model/heads.js';
 import { headTargets, TOPK_REPORTED } from './heads-loss.js';
 import { gatherRows, headsParams, type TrainableBackbone, type TrainableParam } from './trainable-backbone.js';
+import { streamSeed } from '../model/sampling.js';
 import { matMulConstB, matMulFast, shareIdentityDataOnWasm, weightedNllSum } from './fast-grad.js';
 
 export type HeadsScheduleKind = 'constant' | 'linear' | 'sine' | 'sine_warmup';
@@ -68,6 +69,12 @@ export interface Medusa2LossOptions {
   dropoutSeed: number;
   /** Denominators of the means (e.g. the whole optimizer step's counts, for micro-batch accumulation); default this batch's. */
   norm?: { lm: number; heads: number[] };
+  /**
+   * At most this many batch rows per autograd pass (the gradients of the passes are summed, with this batch's
+   * norms: the same result up to float32 summation order). Default: as many rows as fit PASS_BUDGET_BYTES by
+   * passBytes()'s estimate (tfjs holds every activation and every intermediate gradient until the backward ends).
+   */
+  maxRowsPerPass?: number;
 }
 
 export interface Medusa2HeadResult {
@@ -281,9 +288,84 @@ function headsTerm(heads: MedusaHeads, hidden: tf.Tensor2D, hc: (HeadConst | nul
   return total;
 }
 
+/** Tensor memory one autograd pass may use by passBytes()'s estimate (the wasm heap is at most 4 GiB and does not shrink). */
+export const PASS_BUDGET_BYTES = 1.5 * 1024 ** 3;
+
+/**
+ * Estimated peak tensor bytes of one autograd pass over `rows` rows of T tokens: per layer the attention
+ * probabilities' chain (nH x T x T, four tensors) and the per-token activations (about 20 d + 6 ff), plus per
+ * token the [V] logits chain of the LM term and each head; times 4 bytes x 2.8 (the forward, the intermediate
+ * gradients tfjs keeps to the end of the backward, and what else was measured: 1.49 GB peak at 512 tokens of
+ * the 20M bench model, d 512, ff 1536, 4 layers, V 8192, 3 heads). trainBackbone false: heads only.
+ */
+export function passBytes(c: Decoder['config'], numHeads: number, rows: number, T: number, trainBackbone: boolean): number {
+  const perLayer = c.numHeads * T * T * 4 + T * (20 * c.hiddenSize + 6 * c.intermediateSize);
+  const vocab = T * (numHeads + (trainBackbone ? 1 : 0)) * c.vocabSize * 4;
+  return 4 * 2.8 * rows * ((trainBackbone ? c.numLayers * perLayer : 0) + vocab);
+}
+
 export function medusa2LossAndGrads(decoder: Decoder, backbone: TrainableBackbone, heads: MedusaHeads, batch: Medusa2Batch, o: Medusa2LossOptions): Medusa2StepResult {
   checkBatch(decoder, batch, o);
   shareIdentityDataOnWasm();
+  const { B, T } = batch;
+  const K = heads.shape.numHeads;
+  if (o.maxRowsPerPass !== undefined && !(Number.isInteger(o.maxRowsPerPass) && o.maxRowsPerPass >= 1)) fail('E_INTERNAL', `maxRowsPerPass must be an integer >= 1, got ${o.maxRowsPerPass}`);
+  const perRow = passBytes(decoder.config, K, 1, T, o.trainBackbone);
+  const rowsPerPass = Math.min(B, o.maxRowsPerPass ?? Math.max(1, Math.floor(PASS_BUDGET_BYTES / perRow)));
+  if (rowsPerPass >= B) return onePass(decoder, backbone, heads, batch, o);
+  // Several passes with this batch's norms, results summed.
+  const lmNorm = o.norm?.lm ?? (o.trainBackbone ? lmTargets(batch.lossMask, batch.lengths, T).rows.length : 0);
+  const headNorms = o.norm?.heads ?? Array.from({ length: K }, (_, k) => headTargets(batch.ids, batch.lossMask, batch.lengths, T, k).rows.length);
+  const grads = new Map<string, tf.Tensor>();
+  let loss = 0;
+  let lmSum = 0;
+  let lmValid = 0;
+  const ceSum = new Array<number>(K).fill(0);
+  const valid = new Array<number>(K).fill(0);
+  const correct = Array.from({ length: K }, () => new Array<number>(TOPK_REPORTED).fill(0));
+  const passes = Math.ceil(B / rowsPerPass);
+  for (let p = 0; p < passes; p++) {
+    const b0 = p * rowsPerPass;
+    const b1 = Math.min(B, b0 + rowsPerPass);
+    const t = batch.teacher;
+    const teacherLogits = t && 'logits' in t ? (tf.slice(t.logits, [b0, 0, 0], [b1 - b0, T, t.logits.shape[2]]) as tf.Tensor3D) : null; // [rows, T, V]
+    const sub: Medusa2Batch = {
+      ids: batch.ids.subarray(b0 * T, b1 * T), B: b1 - b0, T,
+      attention: batch.attention.subarray(b0 * T, b1 * T), lossMask: batch.lossMask.subarray(b0 * T, b1 * T), lengths: batch.lengths.slice(b0, b1),
+      teacher: teacherLogits ? { logits: teacherLogits } : t && !('logits' in t) ? { k: t.k, topkIds: t.topkIds.subarray(b0 * T * t.k, b1 * T * t.k), topkLogprobs: t.topkLogprobs.subarray(b0 * T * t.k, b1 * T * t.k) } : undefined,
+    };
+    try {
+      const r = onePass(decoder, backbone, heads, sub, { ...o, dropoutSeed: streamSeed(o.dropoutSeed, p), norm: { lm: lmNorm, heads: headNorms } });
+      loss += r.loss;
+      lmSum += r.lmLoss * r.lmValid;
+      lmValid += r.lmValid;
+      r.heads.forEach((h, k) => {
+        if (h.valid > 0) ceSum[k] += h.loss * h.valid;
+        valid[k] += h.valid;
+        h.correct.forEach((n, j) => (correct[k][j] += n));
+      });
+      for (const [name, g] of r.grads) {
+        const prev = grads.get(name);
+        if (!prev) grads.set(name, g);
+        else {
+          grads.set(name, tf.add(prev, g));
+          prev.dispose();
+          g.dispose();
+        }
+      }
+    } finally {
+      teacherLogits?.dispose();
+    }
+  }
+  return {
+    loss, lmLoss: lmValid > 0 ? lmSum / lmValid : 0, lmValid,
+    heads: ceSum.map((s, k) => ({ loss: valid[k] > 0 ? s / valid[k] : NaN, valid: valid[k], correct: correct[k] })),
+    grads,
+  };
+}
+
+/** One autograd pass over the whole (sub-)batch. */
+function onePass(decoder: Decoder, backbone: TrainableBackbone, heads: MedusaHeads, batch: Medusa2Batch, o: Medusa2LossOptions): Medusa2StepResult {
   const { B, T } = batch;
   const d = decoder.config.hiddenSize;
   const V = decoder.config.vocabSize;
