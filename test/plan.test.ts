@@ -95,6 +95,26 @@ test('plan estimates memory within 1.5x and time within 3x of a measured short r
   expect(plan.fits).toBe(true);
 });
 
+test('medusa2 (configs/medusa2-tiny.yaml on the tiny model, teacher top-k): memory within 1.5x and time within 3x of a measured short run', async () => {
+  const topk = path.join(tmp, 'distill-topk');
+  const d = await run('distill', '--input', 'data/prompts/demo.jsonl', '--out', topk, '--temperature', '0', '--max-new-tokens', '48', '--max-total-tokens', '256', '--teacher-topk', '4', '--no-progress');
+  expect(d.code).toBe(0);
+  const args = ['--config', 'configs/medusa2-tiny.yaml', '--set', 'model.path=null', '--set', `data.train=${JSON.stringify([topk])}`, '--set', `run.dir=${tmp}`, '--set', 'run.name=m2',
+    '--set', 'train.max_steps=20', '--set', 'medusa2.heads_warmup_steps=5', '--set', 'eval.every=10', '--set', 'medusa2.gate.action=warn'];
+  const p = cliChild(['plan', ...args, '--json']);
+  const plan = JSON.parse(p.out) as PlanReport;
+  const t = cliChild(['train', ...args, '--no-plan', '--no-progress', '--json']);
+  const s = JSON.parse(t.out) as { steps: number; trainTokens: number; tokensPerSecond: number };
+  expect([plan.recipe, plan.data.totalSteps, s.steps]).toEqual(['medusa2', 20, 20]);
+  expect(plan.time!.probe.map((x) => x.part)).toEqual(['joint step (teacher + medusa2LossAndGrads + clip + AdamW)', 'heads-only step']);
+  expect(plan.disk.hiddenCache).toEqual({ where: 'none', bytes: 0 });
+  const loopSeconds = s.trainTokens / s.tokensPerSecond;
+  const planned = plan.time!.trainSeconds + plan.time!.evalSeconds + plan.time!.checkpointSeconds;
+  process.stderr.write(`medusa2 plan: ${(1000 * planned / 20).toFixed(2)} ms/step, peak ${(plan.memory!.peakBytes / 2 ** 20).toFixed(1)} MiB; run: ${(1000 * loopSeconds / 20).toFixed(2)} ms/step, max RSS ${(t.maxRssBytes / 2 ** 20).toFixed(1)} MiB\n`);
+  within(planned / 20, loopSeconds / 20, 3);
+  within(plan.memory!.peakBytes, t.maxRssBytes, 1.5);
+});
+
 describe('configs that do not fit are reported with the reason', () => {
   const config = (sets: string[]) => loadTrainConfig('configs/tiny.yaml', [`data.train=${JSON.stringify([data])}`, `run.dir=${tmp}`, 'run.name=nofit', ...sets]).config;
 

@@ -373,7 +373,6 @@ export async function planRun(c: TrainConfig, o: PlanOptions = {}): Promise<Plan
     // the timed points: the run's own first micro-batches, in its order
     const first = rb.first.slice(0, probeSteps).map((idx) => padBatch(train, idx, padId));
     const probeTokens = pb.B * pb.T;
-    const sizes = [pb, ...first];
     const evalBatches = passBatches(evalSet.map((e) => e.inputIds.length), c.data.batch_size, false);
     const evalTokens = evalBatches.reduce((a, x) => a + x, 0);
     const evals = evalSet.length === 0 ? 0 : Math.floor(rb.totalSteps / c.eval.every) + (rb.totalSteps % c.eval.every === 0 ? 0 : 1);
@@ -432,12 +431,19 @@ export async function planRun(c: TrainConfig, o: PlanOptions = {}): Promise<Plan
       cleanup.push(() => headsOpt.dispose());
       const backboneOpt = new AdamW(adamwParamGroups(backbone!.params, groups), adam);
       cleanup.push(() => backboneOpt.dispose());
-      const probeBatches = sizes.map((b) => medusa2ProbeBatch(c, decoder, b, notes));
-      for (const b of probeBatches) cleanup.push(() => b.free());
       setupSeconds = (performance.now() - t0) / 1000;
       rssLoaded = process.memoryUsage.rss();
       tracker = peakTracker();
-      const stepOnce = (batch: Medusa2Batch, joint: boolean): void => {
+      // the loss input is built per call, as the recipe does per step (the frozen teacher's forward included)
+      const stepOnce = (pbatch: PaddedBatch, joint: boolean): void => {
+        const lb = medusa2ProbeBatch(c, decoder, pbatch, notes);
+        try {
+          stepOn(lb.batch, joint);
+        } finally {
+          lb.free();
+        }
+      };
+      const stepOn = (batch: Medusa2Batch, joint: boolean): void => {
         const r = medusa2LossAndGrads(decoder, backbone!, heads!, batch, { lmLoss: c.loss.lm_loss, headsCoefficient: c.loss.heads_coefficient, decay: c.loss.decay, trainBackbone: joint, dropoutSeed: 1 });
         const clipped = c.train.max_grad_norm === null ? r.grads : clipGradNorm(r.grads, c.train.max_grad_norm).grads;
         const pick = (names: string[]): Map<string, tf.Tensor> => new Map(names.map((n) => [n, clipped.get(n)!]));
@@ -447,12 +453,12 @@ export async function planRun(c: TrainConfig, o: PlanOptions = {}): Promise<Plan
         for (const g of r.grads.values()) g.dispose();
       };
       const headsWarmup = Math.min(m2.heads_warmup_steps, rb.totalSteps);
-      const points = (joint: boolean) => probeBatches.slice(1).map((b) => ({ tokens: b.batch.B * b.batch.T, call: () => stepOnce(b.batch, joint) }));
-      const joint = await timePart('joint step (medusa2LossAndGrads + clip + AdamW)', () => stepOnce(probeBatches[0].batch, true), points(true), probeSeconds, tracker.sample);
+      const points = (joint: boolean) => first.map((b) => ({ tokens: b.B * b.T, call: () => stepOnce(b, joint) }));
+      const joint = await timePart('joint step (teacher + medusa2LossAndGrads + clip + AdamW)', () => stepOnce(pb, true), points(true), probeSeconds, tracker.sample);
       parts = [joint];
       let warm = joint;
       if (headsWarmup > 0 || evals > 0) {
-        warm = await timePart('heads-only step', () => stepOnce(probeBatches[0].batch, false), points(false), probeSeconds, tracker.sample);
+        warm = await timePart('heads-only step', () => stepOnce(pb, false), points(false), probeSeconds, tracker.sample);
         parts.push(warm);
       }
       trainSeconds = costOf(warm, rb.perStep.slice(0, headsWarmup).flat()) + costOf(joint, rb.perStep.slice(headsWarmup).flat());
@@ -502,7 +508,6 @@ function medusa2ProbeBatch(c: Medusa2Config, decoder: Decoder, pb: PaddedBatch, 
   if (c.loss.teacher === 'frozen') {
     const r = decoderForward(decoder, { ids: pb.ids, batch: pb.B, seqLen: pb.T, mask: pb.attention, logits: 'all' });
     r.hidden.dispose();
-    notes.push('probe: the frozen teacher\'s logits are computed once (the recipe computes them every step; not in the time estimate)');
     return { batch: { ...base, teacher: { logits: r.logits! } }, free: () => r.logits!.dispose() };
   }
   const k = Math.min(...c.data.train.map((dir) => openDataset(dir).topk));
@@ -517,8 +522,12 @@ function medusa2ProbeBatch(c: Medusa2Config, decoder: Decoder, pb: PaddedBatch, 
       topkLogprobs[p * k + j] = Math.log((k - j) / ((k * (k + 1)) / 2)) - 0.01; // a proper distribution with a small rest
     }
   }
-  notes.push(`probe: teacher top-${k} groups with synthetic values (same shapes as the dataset's)`);
+  addNote(notes, `probe: teacher top-${k} groups with synthetic values (same shapes as the dataset's)`);
   return { batch: { ...base, teacher: { topkIds, topkLogprobs, k } }, free: () => {} };
+}
+
+function addNote(notes: string[], note: string): void {
+  if (!notes.includes(note)) notes.push(note);
 }
 
 function mib(n: number): string {
