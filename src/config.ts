@@ -796,3 +796,16 @@ export function configHash(config: TrainConfig, exclude: readonly string[] = HAS
   }
   return createHash('sha256').update(canonicalJson(copy)).digest('hex');
 }
+
+/**
+ * MEDUSA-2's trainable-backbone spec (src/train/trainable-backbone.ts `BackboneSpec`, matched structurally) from the
+ * config's flat `medusa2.backbone` section; shared by the recipe and `plan`.
+ */
+export function backboneSpecOf(c: Medusa2Config):
+  | { mode: 'lora'; rank: number; alpha: number; dropout: number; targets: string[]; trainEmbeddings: boolean }
+  | { mode: 'full'; lastLayers: number; trainEmbeddings: boolean } {
+  const b = c.medusa2.backbone;
+  return b.mode === 'lora'
+    ? { mode: 'lora', rank: b.lora.rank, alpha: b.lora.alpha, dropout: b.lora.dropout, targets: [...b.lora.targets], trainEmbeddings: b.train_embeddings }
+    : { mode: 'full', lastLayers: b.full_last_layers, trainEmbeddings: b.train_embeddings };
+}

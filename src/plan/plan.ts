@@ -31,7 +31,7 @@ import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { fail } from '../errors.js';
 import { initBackend, currentBackend, WASM_HEAP_BYTES, type BackendChoice } from '../backend.js';
-import type { Medusa2Config, TrainConfig } from '../config.js';
+import { backboneSpecOf, type Medusa2Config, type TrainConfig } from '../config.js';
 import { loadDecoder } from '../model/load.js';
 import { parameterCount } from '../model/config.js';
 import { decoderForward, type Decoder } from '../model/decoder.js';
@@ -45,7 +45,7 @@ import { hiddenCacheBytes } from '../data/hidden-cache.js';
 import { checkDatasetsMatchModel } from '../train/run-common.js';
 import { createHeadsTrainer, type HeadsBatch } from '../engines/heads-trainer.js';
 import { chooseBackbone } from '../engines/decoder-engine.js';
-import { createTrainableBackbone, headsParams, type BackboneSpec, type TrainableBackbone } from '../train/trainable-backbone.js';
+import { createTrainableBackbone, headsParams, type TrainableBackbone } from '../train/trainable-backbone.js';
 import { medusa2LossAndGrads, type Medusa2Batch } from '../train/medusa2-loss.js';
 import { AdamW, adamwParamGroups } from '../train/optimizer.js';
 import { clipGradNorm } from '../train/clip.js';
@@ -285,14 +285,6 @@ function passBatches(lengths: number[], batchSize: number, sorted: boolean): num
     out.push(idx.length * Math.max(...idx.map((i) => lengths[i])));
   }
   return out;
-}
-
-/** MEDUSA-2's backbone spec from the config (the same mapping as the recipe's). */
-function backboneSpecOf(c: Medusa2Config): BackboneSpec {
-  const b = c.medusa2.backbone;
-  return b.mode === 'lora'
-    ? { mode: 'lora', rank: b.lora.rank, alpha: b.lora.alpha, dropout: b.lora.dropout, targets: [...b.lora.targets], trainEmbeddings: b.train_embeddings }
-    : { mode: 'full', lastLayers: b.full_last_layers, trainEmbeddings: b.train_embeddings };
 }
 
 function headsElements(s: HeadsShape): number {

@@ -20,7 +20,7 @@ import * as path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { fail } from '../errors.js';
 import { initBackend, currentBackend, type BackendChoice } from '../backend.js';
-import { configHash, saveResolvedConfig, type Medusa2Config, type TrainConfig } from '../config.js';
+import { backboneSpecOf, configHash, saveResolvedConfig, type Medusa2Config, type TrainConfig } from '../config.js';
 import { loadDecoder } from '../model/load.js';
 import { decoderForward, type Decoder } from '../model/decoder.js';
 import { disposeWeights } from '../model/weights.js';
@@ -34,7 +34,7 @@ import { AdamW, adamwParamGroups } from '../train/optimizer.js';
 import { clipGradNorm, globalGradNorm } from '../train/clip.js';
 import { loadCheckpoint, saveCheckpoint } from '../train/checkpoint.js';
 import { addStats, checkDatasetsMatchModel, checkResumeHash, emptyStats, prepareRunDir, summarise, truncateMetrics, type HeadMetrics } from '../train/run-common.js';
-import { createTrainableBackbone, headsParams, type BackboneSpec, type TrainableBackbone, type TrainableParam } from '../train/trainable-backbone.js';
+import { createTrainableBackbone, headsParams, type TrainableBackbone, type TrainableParam } from '../train/trainable-backbone.js';
 import { headsSchedule, medusa2LossAndGrads, type Medusa2Batch } from '../train/medusa2-loss.js';
 import { gateMetrics, gateVerdict, type GateMetrics, type GateVerdict } from '../train/gate.js';
 import { openHeadsSource } from '../eval/heads-source.js';
@@ -151,13 +151,6 @@ function teacherForBatch(pb: PaddedBatch, examples: TrainExample[], teacher: Map
   return { topkIds, topkLogprobs, k };
 }
 
-function backboneSpec(c: Medusa2Config): BackboneSpec {
-  const b = c.medusa2.backbone;
-  return b.mode === 'lora'
-    ? { mode: 'lora', rank: b.lora.rank, alpha: b.lora.alpha, dropout: b.lora.dropout, targets: [...b.lora.targets], trainEmbeddings: b.train_embeddings }
-    : { mode: 'full', lastLayers: b.full_last_layers, trainEmbeddings: b.train_embeddings };
-}
-
 function elements(params: TrainableParam[]): number {
   return params.reduce((n, p) => n + p.variable.size, 0);
 }
@@ -221,7 +214,7 @@ export async function runMedusa2(a: Medusa2Args): Promise<Medusa2Summary> {
     }
 
     // --- the trainable backbone and the optimizers ---
-    const backbone: TrainableBackbone = createTrainableBackbone(decoder, backboneSpec(c), c.run.seed);
+    const backbone: TrainableBackbone = createTrainableBackbone(decoder, backboneSpecOf(c), c.run.seed);
     cleanup.push(() => backbone.dispose());
     // Two optimizers with torch's param-group settings (heads lr x multiplier; no decay on biases and norms): the
     // backbone's does not step during the heads warmup, as torch skips parameters whose .grad is None.
