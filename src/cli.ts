@@ -5,6 +5,7 @@
  */
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { MedusaError, isMedusaError, describe } from './errors.js';
 import { BACKEND_CHOICES, initBackend, type BackendChoice } from './backend.js';
 import { modelInfo, formatInfo, formatCount } from './recipes/info.js';
@@ -228,7 +229,12 @@ export function buildProgram(io: Io = defaultIo): Command {
       };
       const stopping = 'finishing the current step, writing a checkpoint, then stopping';
       if (config.recipe === 'medusa2') {
-        const s = await withStopSignals(io, stopping, (shouldStop) => runMedusa2({ ...run, config, shouldStop }));
+        const s = await withStopSignals(io, stopping, (shouldStop) => runMedusa2({ ...run, config, shouldStop })).catch(async (e: unknown) => {
+          // a failed base-quality gate ends the run after its checkpoint and summary.json: the report shows why
+          const runDir = config.run.name ? path.join(config.run.dir, config.run.name) : null;
+          if (isMedusaError(e) && e.code === 'E_TRAIN' && runDir && fs.existsSync(path.join(runDir, 'summary.json'))) await reportAfter(io, runDir, true);
+          throw e;
+        });
         io.out(o.json ? JSON.stringify(s, null, 2) : formatMedusa2Summary(s));
         await reportAfter(io, s.runDir, !!o.json);
         return;
@@ -274,6 +280,8 @@ export function buildProgram(io: Io = defaultIo): Command {
     .option('--force', 'replace an existing output folder (only after the new export verified)')
     .option('--json', 'print the report as JSON')
     .action(async (o: { run: string; format: 'medusa' | 'medusa-v2' | 'vllm' | 'onnx' | 'hf'; out: string; dtype?: 'f32' | 'f16' | 'bf16'; baseModel?: string; force?: boolean; json?: boolean }) => {
+      // --format hf verifies the merged model with a decoder forward: on the fastest available tfjs backend
+      if (o.format === 'hf') await selectBackend('auto', io, !!o.json);
       const r = await runExport({ run: o.run, format: o.format, out: o.out, dtype: o.dtype, force: !!o.force, baseModel: o.baseModel, log: (line) => io.err(line) });
       io.out(o.json ? JSON.stringify(r, null, 2) : `exported ${r.tensors} tensors (${r.dtype}) to ${r.out} in the ${r.format} layout: ${r.files.join(', ')}; verified on ${r.verifiedPositions} positions, max |logit difference| ${r.maxAbsDiff}`);
     });

@@ -132,4 +132,19 @@ describe('per-row generation settings', () => {
     expect(batched.tokens).toEqual(single);
     disposeWeights(model.weights);
   });
+
+  test('the context limit is per row: a short prompt may use the whole context beside a longer one (left padding takes no positions)', async () => {
+    await initBackend('wasm');
+    const model = loadDecoder(path.join(DECODER_FIXTURES, 'llama-gqa')).decoder;
+    const ctx = model.config.maxPositionEmbeddings;
+    const base = { maxNewTokens: 1, temperature: 0, topP: 1, topK: 0, seed: 0, eosIds: [], padId: 0 };
+    const prompts = [[5, 6], [8, 9, 10, 11]];
+    const perRow = prompts.map((p) => ({ maxNewTokens: ctx - p.length })); // each row exactly fills the context
+    const batched = generate(model, prompts, { ...base, perRow });
+    expect(batched.tokens.map((t) => t.length)).toEqual([ctx - 2, ctx - 4]);
+    expect(batched.tokens).toEqual(prompts.map((p, i) => generate(model, [p], { ...base, perRow: [perRow[i]] }).tokens[0]));
+    // one token more than the context is refused, naming that row's figures
+    expect(() => generate(model, prompts, { ...base, perRow: [{ maxNewTokens: ctx - 2 }, { maxNewTokens: ctx - 3 }] })).toThrow(`prompt (4 tokens) + max_new_tokens (${ctx - 3})`);
+    disposeWeights(model.weights);
+  });
 });

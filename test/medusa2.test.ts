@@ -20,6 +20,7 @@ import { runMedusa1 } from '../src/recipes/medusa1.js';
 import { runMedusa2 } from '../src/recipes/medusa2.js';
 import { readHeader, readTensor, writeSafetensors } from '../src/io/safetensors.js';
 import { MedusaError } from '../src/errors.js';
+import { main } from '../src/cli.js';
 import * as tf from '@tensorflow/tfjs';
 import { runExport } from '../src/recipes/export.js';
 import { latestCheckpoint, listCheckpoints, loadCheckpoint } from '../src/train/checkpoint.js';
@@ -262,14 +263,17 @@ test('a NaN loss stops the run with E_TRAIN and keeps the last good checkpoint',
 test('a deliberately high learning rate fails the gate (action fail): E_TRAIN after the checkpoint and summary.json', async () => {
   const sets = ['medusa2.backbone.mode=full', 'medusa2.backbone.full_last_layers=2', 'train.lr=3e-2', 'train.max_steps=3', 'checkpoint.every=100', 'eval.every=100',
     'loss.lm_loss=ce', 'medusa2.gate.action=fail'];
-  let err: unknown;
-  try {
-    await runMedusa2({ config: m2config('damaged', ...sets), commandLine: ['test'], resume: false, log: quiet });
-  } catch (e) {
-    err = e;
-  }
-  expect(err).toBeInstanceOf(MedusaError);
-  expect(err).toMatchObject({ code: 'E_TRAIN', message: expect.stringContaining('gate') });
+  // through the CLI: E_TRAIN (exit code), and the run report is still written (it shows why the run failed)
+  const base = ['recipe=medusa2', `model.path=${model}`, `data.train=${JSON.stringify([dataset])}`, `run.dir=${tmp}`, 'run.name=damaged', 'model.backend=wasm',
+    'data.max_seq_len=128', 'data.batch_size=8', 'data.eval_fraction=0.125', 'heads.num_heads=2', ...sets];
+  const out: string[] = [];
+  const code = await main(['train', '--no-progress', '--no-plan', ...base.flatMap((kv) => ['--set', kv])], { out: (l) => out.push(l), err: (l) => out.push(l) });
+  expect(code).toBe(new MedusaError('E_TRAIN', '').exitCode);
+  expect(out.join('\n')).toMatch(/gate/);
+  expect(out.join('\n')).toContain(`report: ${path.join(tmp, 'damaged', 'report.html')}`);
+  const html = fs.readFileSync(path.join(tmp, 'damaged', 'report.html'), 'utf8');
+  const embedded = /<script type="application\/json" id="summary-data">(.*?)<\/script>/s.exec(html);
+  expect(JSON.parse(embedded![1]).gate).toMatchObject({ status: 'fail' });
   const summary = JSON.parse(fs.readFileSync(path.join(tmp, 'damaged', 'summary.json'), 'utf8'));
   expect(summary.steps).toBe(3);
   expect(summary.gate.status).toBe('fail');

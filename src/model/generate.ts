@@ -111,10 +111,12 @@ export function prepareSampling(c: DecoderConfig, prompts: number[][], o: Genera
   });
   if (prompts.some((p) => p.length === 0)) fail('E_USAGE', 'Every prompt needs at least one token.');
   const P = Math.max(...prompts.map((p) => p.length));
-  const maxNew = Math.max(...rows.map((r) => r.maxNewTokens));
-  if (P + maxNew > c.maxPositionEmbeddings) {
-    fail('E_USAGE', `prompt (${P} tokens) + max_new_tokens (${maxNew}) exceeds the model's max_position_embeddings (${c.maxPositionEmbeddings}); shorten the prompt or lower max_new_tokens.`);
-  }
+  // Positions are per row (left padding takes none), so the limit is per row: its prompt + its new tokens.
+  prompts.forEach((p, b) => {
+    if (p.length + rows[b].maxNewTokens > c.maxPositionEmbeddings) {
+      fail('E_USAGE', `prompt (${p.length} tokens) + max_new_tokens (${rows[b].maxNewTokens}) exceeds the model's max_position_embeddings (${c.maxPositionEmbeddings}); shorten the prompt or lower max_new_tokens.`);
+    }
+  });
   const ids = new Int32Array(B * P).fill(o.padId); // [B, P], left-padded
   const mask = new Uint8Array(B * P); // [B, P]
   prompts.forEach((p, b) => {
