@@ -231,8 +231,8 @@ export function buildProgram(io: Io = defaultIo): Command {
       if (config.recipe === 'medusa2') {
         const s = await withStopSignals(io, stopping, (shouldStop) => runMedusa2({ ...run, config, shouldStop })).catch(async (e: unknown) => {
           // a failed base-quality gate ends the run after its checkpoint and summary.json: the report shows why
-          const runDir = config.run.name ? path.join(config.run.dir, config.run.name) : null;
-          if (isMedusaError(e) && e.code === 'E_TRAIN' && runDir && fs.existsSync(path.join(runDir, 'summary.json'))) await reportAfter(io, runDir, true);
+          const runDir = path.join(config.run.dir, config.run.name);
+          if (isMedusaError(e) && e.code === 'E_TRAIN' && fs.existsSync(path.join(runDir, 'summary.json'))) await reportAfter(io, runDir, true);
           throw e;
         });
         io.out(o.json ? JSON.stringify(s, null, 2) : formatMedusa2Summary(s));

@@ -8,6 +8,7 @@ import { initBackend } from '../src/backend.js';
 import { exportHeads, importHeads, initHeads, headTensorTable, disposeHeads, type MedusaHeads } from '../src/model/heads.js';
 import { headsLoss, TOPK_REPORTED } from '../src/train/heads-loss.js';
 import { HEADS_CASES, HEADS_FIXTURES, loadHeadsCase, type HeadsCase } from './helpers/heads-fixtures.js';
+import { relErr } from './helpers/golden.js';
 
 type Case = HeadsCase;
 const CASES = HEADS_CASES;
@@ -28,17 +29,6 @@ function build(c: Case, f32: (n: string) => Float32Array): MedusaHeads {
   for (const row of headTensorTable(heads.shape)) tensors[row.name] = { shape: row.shape, data: f32(row.name) };
   importHeads(heads, tensors, c.file);
   return heads;
-}
-
-/** max |a - b| / max |b| */
-function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let m = 0;
-  let s = 0;
-  for (let i = 0; i < b.length; i++) {
-    m = Math.max(m, Math.abs(a[i] - b[i]));
-    s = Math.max(s, Math.abs(b[i]));
-  }
-  return m / Math.max(s, 1e-30);
 }
 
 describe.each(['wasm', 'cpu'] as const)('heads loss on %s', (backend) => {

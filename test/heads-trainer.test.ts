@@ -16,24 +16,13 @@ import { createHeadsTrainer, onnxAvailable, type HeadsBatch, type HeadsTrainer, 
 import { DISABLE_ORT_ENV, probeOrt, setOrtLoaderForTests } from '../src/engines/ort.js';
 import { createOnnxHeadsTrainer } from '../src/engines/onnx-heads.js';
 import { HEADS_CASES, HEADS_FIXTURES, loadHeadsCase, type HeadsCase } from './helpers/heads-fixtures.js';
+import { relErr } from './helpers/golden.js';
 
 // onnxruntime outputs under Jest: see test/setup/realm.ts (jest setupFiles).
 
 type Case = HeadsCase;
 const CASES = HEADS_CASES;
 const load = loadHeadsCase;
-
-/** max |a - b| / max |b| */
-function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  if (a.length !== b.length) return Infinity;
-  let m = 0;
-  let s = 0;
-  for (let i = 0; i < b.length; i++) {
-    m = Math.max(m, Math.abs(a[i] - b[i]));
-    s = Math.max(s, Math.abs(b[i]));
-  }
-  return m === 0 ? 0 : m / Math.max(s, 1e-30);
-}
 
 function expectClose(a: HostTensors, b: HostTensors, tol: number, what: string): void {
   expect(Object.keys(a).sort()).toEqual(Object.keys(b).sort());

@@ -25,6 +25,7 @@ import { createTrainableBackbone, gatherRows, headsParams, type BackboneSpec, ty
 import { headsSchedule, medusa2LossAndGrads, type Medusa2Batch } from '../src/train/medusa2-loss.js';
 import { AdamW, adamwParamGroups } from '../src/train/optimizer.js';
 import { expectMedusa } from './helpers/errors.js';
+import { relErr } from './helpers/golden.js';
 
 const FIX = path.resolve('test/fixtures/medusa2');
 
@@ -74,18 +75,6 @@ function transpose(data: ArrayLike<number>, rows: number, cols: number): Float32
   const out = new Float32Array(data.length);
   for (let r = 0; r < rows; r++) for (let k = 0; k < cols; k++) out[k * rows + r] = data[r * cols + k];
   return out;
-}
-
-/** max |a - b| / max |b| */
-function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  if (a.length !== b.length) throw new Error(`length ${a.length} != ${b.length}`);
-  let m = 0;
-  let s = 0;
-  for (let i = 0; i < b.length; i++) {
-    m = Math.max(m, Math.abs(a[i] - b[i]));
-    s = Math.max(s, Math.abs(b[i]));
-  }
-  return m / Math.max(s, 1e-30);
 }
 
 /** Internal-layout gradient -> PyTorch layout (2-D linear / LoRA / head weights are held transposed; embeddings and vectors are not). */

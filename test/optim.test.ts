@@ -14,6 +14,7 @@ import { readHeader, readTensor, writeSafetensors } from '../src/io/safetensors.
 import { AdamW, type AdamWState } from '../src/train/optimizer.js';
 import { clipGradNorm, globalGradNorm } from '../src/train/clip.js';
 import { lrAt, lrFactor, warmupSteps, type ScheduleKind } from '../src/train/schedule.js';
+import type { HeadsCase } from './helpers/heads-fixtures.js';
 
 const FIX = path.resolve('test/fixtures/heads');
 
@@ -41,22 +42,7 @@ function get(m: Map<string, Host>, name: string): Host {
 }
 
 interface Index {
-  heads: Array<{
-    name: string;
-    file: string;
-    mode: 'per_head' | 'shared';
-    num_heads: number;
-    num_layers: number;
-    hidden_size: number;
-    vocab_size: number;
-    batch: number;
-    seq_len: number;
-    decay: number;
-    heads_coefficient: number;
-    topk: number;
-    trainable: string[];
-    frozen: string[];
-  }>;
+  heads: Array<HeadsCase & { topk: number; frozen: string[] }>;
   adamw: { file: string; lr: number; betas: [number, number]; eps: number; steps: number; params: Array<{ name: string; shape: number[]; weight_decay: number }> };
   clip: { file: string; max_norm: number; grads: Array<{ name: string; shape: number[] }>; sets: Array<{ prefix: string; total_norm: number; clip_coef: number }> };
 }

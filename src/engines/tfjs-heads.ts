@@ -17,6 +17,7 @@ import {
   addMetrics, checkBatch, checkLr, checkOptimizerState, emptyMetrics, stepNorm, toInternal, toReference, totalLoss, transpose2d,
   type HeadsBatch, type HeadsMetrics, type HeadsStepResult, type HeadsTrainer, type HeadsTrainerOptions, type HostTensors, type LossAndGrads, type OptimizerState,
 } from './heads-trainer.js';
+import { accumulateGrads } from '../train/grads.js';
 
 export function createTfjsHeadsTrainer(o: HeadsTrainerOptions, why: string): TfjsHeadsTrainer {
   return new TfjsHeadsTrainer(o, why);
@@ -67,7 +68,7 @@ export class TfjsHeadsTrainer implements HeadsTrainer {
           hidden.dispose();
         }
         addMetrics(st, r);
-        grads = accumulate(grads, r.grads!);
+        grads = accumulateGrads(grads, r.grads!);
       }
       grads ??= new Map();
       // parameters a step's data did not reach (a head with no valid position) get zero gradients
@@ -179,21 +180,6 @@ export class TfjsHeadsTrainer implements HeadsTrainer {
   private checkLive(): void {
     if (this.disposed) fail('E_INTERNAL', 'tfjs heads trainer used after dispose()');
   }
-}
-
-// The medusa1 recipe's accumulation and norm (same ops, same order; the norm also releases its scalars).
-function accumulate(acc: Map<string, tf.Tensor> | null, g: Map<string, tf.Tensor>): Map<string, tf.Tensor> {
-  if (!acc) return g;
-  for (const [name, t] of g) {
-    const prev = acc.get(name);
-    if (!prev) acc.set(name, t);
-    else {
-      acc.set(name, tf.add(prev, t));
-      prev.dispose();
-      t.dispose();
-    }
-  }
-  return acc;
 }
 
 function disposeGrads(g: Map<string, tf.Tensor> | null): void {

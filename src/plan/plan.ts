@@ -300,8 +300,7 @@ export async function planRun(c: TrainConfig, o: PlanOptions = {}): Promise<Plan
   const rssStart = process.memoryUsage.rss();
   await initBackend(c.model.backend as BackendChoice);
   const modelDir = c.model.path ?? ensureEmbeddedModel();
-  const runName = c.run.name ?? `${c.recipe}-${path.basename(path.resolve(modelDir))}`;
-  const runDir = path.join(c.run.dir, runName);
+  const runDir = path.join(c.run.dir, c.run.name);
   const machine = machineLimits(runDir, o.machine);
   const notes: string[] = [];
   const problems: string[] = [];

@@ -164,8 +164,7 @@ export async function runMedusa2(a: Medusa2Args): Promise<Medusa2Summary> {
   // --- setup: backend, run folder ---
   await initBackend(c.model.backend as BackendChoice);
   const modelDir = c.model.path ?? ensureEmbeddedModel();
-  const runName = c.run.name ?? `medusa2-${path.basename(path.resolve(modelDir))}`;
-  const runDir = path.join(c.run.dir, runName);
+  const runDir = path.join(c.run.dir, c.run.name); // run.name: the config's default is resolved when it is parsed
   const hash = configHash(c);
   const resumeFrom = prepareRunDir(runDir, a.resume);
   saveResolvedConfig(runDir, c, a.commandLine);

@@ -35,6 +35,7 @@ import { headTargets, TOPK_REPORTED } from './heads-loss.js';
 import { gatherRows, headsParams, type TrainableBackbone, type TrainableParam } from './trainable-backbone.js';
 import { streamSeed } from '../model/sampling.js';
 import { matMulConstB, matMulFast, shareIdentityDataOnWasm, weightedNllSum } from './fast-grad.js';
+import { accumulateGrads } from './grads.js';
 
 export type HeadsScheduleKind = 'constant' | 'linear' | 'sine' | 'sine_warmup';
 
@@ -344,15 +345,7 @@ export function medusa2LossAndGrads(decoder: Decoder, backbone: TrainableBackbon
         valid[k] += h.valid;
         h.correct.forEach((n, j) => (correct[k][j] += n));
       });
-      for (const [name, g] of r.grads) {
-        const prev = grads.get(name);
-        if (!prev) grads.set(name, g);
-        else {
-          grads.set(name, tf.add(prev, g));
-          prev.dispose();
-          g.dispose();
-        }
-      }
+      accumulateGrads(grads, r.grads);
     } finally {
       teacherLogits?.dispose();
     }

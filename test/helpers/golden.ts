@@ -27,3 +27,15 @@ export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>, indices?:
   for (const i of idx) m = Math.max(m, Math.abs(a[i] - b[i]));
   return m;
 }
+
+/** max |a - b| / max |b| (a length mismatch throws). */
+export function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) throw new Error(`length ${a.length} != ${b.length}`);
+  let m = 0;
+  let s = 0;
+  for (let i = 0; i < b.length; i++) {
+    m = Math.max(m, Math.abs(a[i] - b[i]));
+    s = Math.max(s, Math.abs(b[i]));
+  }
+  return m / Math.max(s, 1e-30);
+}
