@@ -14,13 +14,9 @@ import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import * as tf from '@tensorflow/tfjs';
 import { initBackend, type BackendChoice } from '../src/backend.js';
-import { BENCH_20M, writeTinyModel } from '../src/model/tiny.js';
-import { openModelFolder } from '../src/model/load.js';
-import { loadTokenizer } from '../src/data/tokenizer.js';
-import { DatasetWriter, type DistilledRecord } from '../src/data/dataset.js';
 import { loadTrainConfig } from '../src/config.js';
 import { runMedusa1 } from '../src/recipes/medusa1.js';
-import { Rng } from '../src/model/sampling.js';
+import { writeBenchModelAndData } from './random-dataset.js';
 import { GraphBuilder } from '../src/io/onnx.js';
 
 interface Job { engine?: 'tfjs' | 'onnx'; backend: BackendChoice; lmHead: 'per_head' | 'shared'; cache: 'none' | 'memory'; seqLen: number; batch: number; steps: number; model: string; dataset: string; runDir: string }
@@ -100,20 +96,9 @@ async function main(): Promise<void> {
   if (jobArg) return child(JSON.parse(jobArg) as Job);
   const out = arg('out', '');
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'medusa-bench-train-'));
-  const model = path.join(dir, 'model');
-  writeTinyModel(model, { ...BENCH_20M, seed: 1 });
+  // 64 conversations of 1024 tokens
+  const { model, dataset } = await writeBenchModelAndData(dir, { conversations: 64, seqLen: 1024, teacherTopk: 0 });
   await initBackend('wasm');
-  const meta = { base_model_config_sha256: openModelFolder(model).configHash, tokenizer_sha256: (await loadTokenizer(model)).hash };
-  // 64 conversations of 1024 tokens (a 32-token prompt, the rest assistant tokens), random ids in the tokenizer's range.
-  const dataset = path.join(dir, 'data');
-  const rng = new Rng(1);
-  const recs: DistilledRecord[] = Array.from({ length: 64 }, (_, i) => {
-    const ids = Array.from({ length: 1024 }, () => 5 + Math.floor(rng.next() * 500));
-    return { id: `b${i}`, sourceIndex: i, inputIds: ids, lossMask: ids.map((_, j) => (j < 32 ? 0 : 1)), turnRoles: ['user', 'assistant'], turnStarts: [0, 32], turnEnds: [32, 1024], truncated: false };
-  });
-  const w = DatasetWriter.open(dataset, { meta, topk: 0, mode: 'new' });
-  w.appendShard(recs, [], [], recs.length);
-  w.finish({});
   const jobs: Omit<Job, 'model' | 'dataset' | 'runDir'>[] = [
     { backend: 'wasm', lmHead: 'per_head', cache: 'none', seqLen: 512, batch: 4, steps: 3 },
     { backend: 'wasm', lmHead: 'per_head', cache: 'memory', seqLen: 512, batch: 4, steps: 3 },
