@@ -59,6 +59,7 @@ async function tryWasm(skipped: string[]): Promise<BackendInfo | undefined> {
     if (await tf.setBackend('wasm')) {
       await tf.ready();
       installEngineGuard();
+      shareIdentityDataOnWasm();
       return { name: 'wasm', detail: 'wasm (XNNPACK, SIMD, 1 thread)', maxTensorBytes: WASM_HEAP_BYTES, skipped };
     }
     skipped.push('wasm: the backend did not initialise');
@@ -149,4 +150,25 @@ export function assertEngineHealthy(where: string): void {
 /** For tests: record a warning as if the engine had emitted it. */
 export function _recordEngineWarningForTest(text: string): void {
   engineWarnings.push(text);
+}
+
+/**
+ * tfjs keeps every tensor a gradient needs through engine.clone (the Identity kernel), and tfjs-wasm 4.22's
+ * Identity copies the data: the whole forward under the tape is held twice (measured: about a quarter of a
+ * MEDUSA-2 step's peak tensor memory on the 20M bench model). This registers, for the wasm backend only, an
+ * Identity that shares the data with a reference count, as wasm's own Reshape and the cpu / webgl Identity
+ * do (tensors are immutable in tfjs; nothing writes into a tensor's memory after it is made). Idempotent.
+ * Registered whenever the wasm backend is selected, so every wasm run (MEDUSA-1, MEDUSA-2, decoding) gets it.
+ */
+function shareIdentityDataOnWasm(): void {
+  const current = tf.getKernel('Identity', 'wasm');
+  if (current?.kernelFunc === sharedIdentity) return;
+  if (current) tf.unregisterKernel('Identity', 'wasm');
+  tf.registerKernel({ kernelName: 'Identity', backendName: 'wasm', kernelFunc: sharedIdentity });
+}
+
+function sharedIdentity(args: { inputs: tf.NamedTensorInfoMap; backend: unknown }): tf.TensorInfo {
+  const x = args.inputs.x as tf.TensorInfo;
+  (args.backend as { incRef(dataId: object): void }).incRef(x.dataId);
+  return { dataId: x.dataId, shape: x.shape, dtype: x.dtype };
 }

@@ -41,3 +41,14 @@ describe('backend selection', () => {
     await expect(initBackend('gpu' as never)).rejects.toMatchObject({ code: 'E_USAGE' });
   });
 });
+
+test('on wasm, a clone (what autograd saves for the backward) shares its data instead of copying it, and outlives the original', async () => {
+  const tf = await import('@tensorflow/tfjs');
+  await initBackend('wasm');
+  const x = tf.tensor1d([1, 2, 3]);
+  const y = tf.clone(x);
+  expect((y as unknown as { dataId: object }).dataId).toBe((x as unknown as { dataId: object }).dataId);
+  x.dispose();
+  expect(Array.from(y.dataSync())).toEqual([1, 2, 3]);
+  y.dispose();
+});

@@ -99,24 +99,3 @@ export function weightedNllSum(logits: tf.Tensor2D, weights: tf.Tensor2D, comple
   return f(logits) as tf.Scalar;
 }
 
-/**
- * tfjs keeps every tensor a gradient needs through engine.clone (the Identity kernel), and tfjs-wasm 4.22's
- * Identity copies the data: the whole forward under the tape is held twice (measured: about a quarter of a
- * MEDUSA-2 step's peak tensor memory on the 20M bench model). This registers, for the wasm backend only, an
- * Identity that shares the data with a reference count, as wasm's own Reshape and the cpu / webgl Identity
- * do (tensors are immutable in tfjs; nothing writes into a tensor's memory after it is made). Idempotent;
- * a no-op on other backends.
- */
-export function shareIdentityDataOnWasm(): void {
-  if (tf.getBackend() !== 'wasm') return;
-  const current = tf.getKernel('Identity', 'wasm');
-  if (current?.kernelFunc === sharedIdentity) return;
-  if (current) tf.unregisterKernel('Identity', 'wasm');
-  tf.registerKernel({ kernelName: 'Identity', backendName: 'wasm', kernelFunc: sharedIdentity });
-}
-
-function sharedIdentity(args: { inputs: tf.NamedTensorInfoMap; backend: unknown }): tf.TensorInfo {
-  const x = args.inputs.x as tf.TensorInfo;
-  (args.backend as { incRef(dataId: object): void }).incRef(x.dataId);
-  return { dataId: x.dataId, shape: x.shape, dtype: x.dtype };
-}

@@ -34,7 +34,7 @@ import type { MedusaHeads } from '../model/heads.js';
 import { headTargets, TOPK_REPORTED } from './heads-loss.js';
 import { gatherRows, headsParams, type TrainableBackbone, type TrainableParam } from './trainable-backbone.js';
 import { streamSeed } from '../model/sampling.js';
-import { matMulConstB, matMulFast, shareIdentityDataOnWasm, weightedNllSum } from './fast-grad.js';
+import { matMulConstB, matMulFast, weightedNllSum } from './fast-grad.js';
 import { accumulateGrads } from './grads.js';
 
 export type HeadsScheduleKind = 'constant' | 'linear' | 'sine' | 'sine_warmup';
@@ -307,7 +307,6 @@ export function passBytes(c: Decoder['config'], numHeads: number, rows: number, 
 
 export function medusa2LossAndGrads(decoder: Decoder, backbone: TrainableBackbone, heads: MedusaHeads, batch: Medusa2Batch, o: Medusa2LossOptions): Medusa2StepResult {
   checkBatch(decoder, batch, o);
-  shareIdentityDataOnWasm();
   const { B, T } = batch;
   const K = heads.shape.numHeads;
   if (o.maxRowsPerPass !== undefined && !(Number.isInteger(o.maxRowsPerPass) && o.maxRowsPerPass >= 1)) fail('E_INTERNAL', `maxRowsPerPass must be an integer >= 1, got ${o.maxRowsPerPass}`);
